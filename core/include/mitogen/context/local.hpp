@@ -1,0 +1,41 @@
+#pragma once
+/// Local contexts: a Python subprocess bootstrapped over pipes.
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mitogen/context/context.hpp"
+#include "mitogen/routing/router.hpp"
+#include "mitogen/wire/constants.hpp"
+
+namespace mitogen {
+
+/// Options shared by every connection method.
+struct connect_options {
+  /// Interpreter argv prefix, e.g. {"/usr/bin/python3"} or {"/usr/bin/env", "python3"}.
+  /// Empty: /usr/bin/python3 if it exists, else python3 from PATH.
+  std::vector<std::string> python_path;
+  /// argv[0] becomes "mitogen:<remote_name>"; default "<user>@<host>:<our pid>".
+  std::optional<std::string> remote_name;
+  std::chrono::milliseconds connect_timeout{30000};
+  /// Child writes a DEBUG log of its own to /tmp/mitogen.<pid>.log.
+  bool debug = false;
+  /// Level of log records the child forwards (Python logging numbers).
+  int log_level = 20;
+  std::uint32_t max_message_size = wire::default_max_message_size;
+};
+
+/// Options of local().
+struct local_options : connect_options {};
+
+/// Start a local context and wait for its bootstrap. Any thread except the broker's.
+/// Throws stream_error (spawn_failed, bootstrap_failed, connect_timeout, child_died)
+/// with the child's stderr in the message when it had any.
+context local(router& r, const local_options& opts = {});
+
+/// The default remote_name: "<user>@<host>:<pid>".
+std::string default_remote_name();
+
+}  // namespace mitogen

@@ -1,0 +1,89 @@
+#pragma once
+/// Broker: one private thread running a Boost.Asio io_context. All stream I/O and
+/// all handler callbacks happen on it.
+#include <utility>  // Boost 1.74 Asio needs it before its own headers under C++20
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+namespace mitogen {
+
+/// Owns the I/O thread. Create with std::make_shared; any thread may call any
+/// public method. Destroying the last reference shuts it down and joins the thread
+/// (unless destroyed on its own thread, where it detaches). The first broker sets
+/// SIGPIPE to SIG_IGN if it was SIG_DFL, so a dead child's pipe gives EPIPE.
+class broker : public std::enable_shared_from_this<broker> {
+ public:
+  broker();
+  ~broker();
+  broker(const broker&) = delete;
+  broker& operator=(const broker&) = delete;
+
+  /// The io_context the broker thread runs. Post to it only via defer().
+  boost::asio::io_context& io() noexcept { return io_; }
+
+  /// Run `fn` on the broker thread, soon. Returns false (and drops `fn`) once the
+  /// broker has stopped.
+  bool defer(std::function<void()> fn);
+
+  /// Run `fn` on the broker thread and wait for it. Runs inline when already on it.
+  /// Returns false if the broker stopped before `fn` could run.
+  bool defer_sync(const std::function<void()>& fn);
+
+  /// Begin an orderly shutdown: every registered shutdown hook runs on the broker
+  /// thread (routers close their streams and release every waiting caller), then the
+  /// thread stops once the hooks' grace period ends. Idempotent, safe from any thread,
+  /// from handlers and from destructors; never blocks.
+  void shutdown();
+
+  /// Wait for the broker thread to finish. No-op on the broker thread itself.
+  void join();
+
+  /// True once shutdown() has been called.
+  bool shutting_down() const noexcept { return shutting_down_.load(); }
+  /// True when called from the broker thread.
+  bool on_broker_thread() const noexcept { return std::this_thread::get_id() == thread_id_; }
+
+  /// A hook run on the broker thread when shutdown starts. The hook receives a
+  /// `done` callback it must call (from the broker thread) when its cleanup is
+  /// finished; the thread exits after every hook called `done`, or after the
+  /// grace period, whichever is first. Returns an id for remove_shutdown_hook().
+  using shutdown_hook = std::function<void(std::function<void()> done)>;
+  std::uint64_t add_shutdown_hook(shutdown_hook hook);
+  void remove_shutdown_hook(std::uint64_t id);
+
+  /// Upper bound on how long shutdown hooks may take before the thread stops anyway.
+  static constexpr std::chrono::milliseconds shutdown_grace{3000};
+
+ private:
+  void run();
+  void begin_shutdown();  // broker thread
+  void hook_done();       // broker thread
+
+  boost::asio::io_context io_;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
+  std::thread thread_;
+  std::thread::id thread_id_;
+  std::atomic<bool> shutting_down_{false};
+  std::atomic<bool> stopped_{false};
+
+  std::mutex hooks_mu_;
+  std::vector<std::pair<std::uint64_t, shutdown_hook>> hooks_;
+  std::uint64_t next_hook_id_ = 1;
+  std::size_t hooks_pending_ = 0;      // broker thread only
+  boost::asio::steady_timer grace_timer_{io_};
+
+  std::mutex join_mu_;
+};
+
+}  // namespace mitogen

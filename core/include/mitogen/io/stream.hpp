@@ -1,0 +1,114 @@
+#pragma once
+/// Stream: messages framed over a pair of file descriptors (pipes, a UNIX socket,
+/// a PTY). Reads run on the broker thread; sends may come from any thread.
+#include <utility>  // before Asio (Boost 1.74 + C++20)
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <vector>
+
+#include <boost/asio/posix/stream_descriptor.hpp>
+
+#include "mitogen/io/broker.hpp"
+#include "mitogen/wire/frame.hpp"
+#include "mitogen/wire/message.hpp"
+
+namespace mitogen {
+
+/// Sizes and names for a stream.
+struct stream_options {
+  std::string name = "stream";                                      ///< for logs
+  std::uint32_t max_message_size = wire::default_max_message_size;  ///< inbound frame limit
+  /// Bytes queued for writing above which senders on other threads block until the
+  /// queue drains to half (backpressure). The broker thread never blocks.
+  std::size_t max_queued_bytes = 16u * 1024u * 1024u;
+  std::size_t read_chunk = 256u * 1024u;  ///< bytes per read() call
+};
+
+/// Owned by shared_ptr (handlers capture it). Closing is idempotent; after close,
+/// send() returns false and nothing is read.
+class stream : public std::enable_shared_from_this<stream> {
+ public:
+  /// Called on the broker thread for every whole inbound frame.
+  using message_fn = std::function<void(wire::message&&)>;
+  /// Called once on the broker thread when the stream closes, with the reason.
+  using disconnect_fn = std::function<void(std::error_code, const std::string&)>;
+  /// Raw phase (bootstrap): gets the inbound bytes not yet consumed; returns how many
+  /// it consumed; sets `framed` to switch the rest of the input to frame parsing.
+  using raw_fn = std::function<std::size_t(std::string_view, bool& framed)>;
+
+  /// Takes ownership of the descriptors (they may be equal, e.g. a socketpair). Both
+  /// are made non-blocking.
+  static std::shared_ptr<stream> create(std::shared_ptr<broker> b, int read_fd, int write_fd,
+                                        stream_options opts);
+  ~stream();
+
+  /// Set callbacks before start(). Not thread-safe against start().
+  void on_message(message_fn fn) { on_message_ = std::move(fn); }
+  void on_disconnect(disconnect_fn fn) { on_disconnect_ = std::move(fn); }
+
+  /// Begin reading (posted to the broker thread). With `raw`, input goes to it until it
+  /// switches to framing.
+  void start(raw_fn raw = {});
+
+  /// Queue one framed message. Any thread. Writes inline when nothing is queued (the
+  /// common case costs one write() and no broker wake-up). Returns false if closed.
+  /// Blocks (off the broker thread) while the queue is over max_queued_bytes.
+  bool send(const wire::message& m);
+  /// As above, taking the payload without copying it.
+  bool send(wire::message&& m);
+  /// Queue raw bytes (bootstrap preamble). Same rules as send().
+  bool send_raw(std::string bytes);
+
+  /// Close both directions now, discarding queued output. Any thread; idempotent.
+  void close(std::error_code reason, std::string detail);
+  /// Close once queued output has been written (or after `timeout`). Any thread.
+  void close_after_flush(std::chrono::milliseconds timeout);
+
+  bool closed() const;
+  const std::string& name() const noexcept { return opts_.name; }
+  std::size_t queued_bytes() const;
+
+ private:
+  stream(std::shared_ptr<broker> b, int read_fd, int write_fd, stream_options opts);
+  /// Write `head` then `body` (either may be empty): inline if nothing is queued,
+  /// else queued for the broker.
+  bool enqueue(std::string head, std::string body);
+  void arm_write();         // broker thread
+  void flush_on_broker();   // broker thread
+  bool write_some_locked(); // with wmu_ held; false on fatal error
+  void do_read();
+  void handle_input(std::size_t n);
+  void close_on_broker(std::error_code reason, std::string detail);
+
+  std::shared_ptr<broker> broker_;
+  stream_options opts_;
+  int read_fd_, write_fd_;
+  boost::asio::posix::stream_descriptor rd_;
+  std::unique_ptr<boost::asio::posix::stream_descriptor> wr_;  // null when write_fd == read_fd
+  std::vector<char> rbuf_;
+  std::string raw_pending_;  // raw-phase bytes not yet consumed
+  raw_fn raw_;
+  wire::frame_parser parser_;
+  message_fn on_message_;
+  disconnect_fn on_disconnect_;
+
+  mutable std::mutex wmu_;
+  std::condition_variable drained_;
+  std::deque<std::string> queue_;
+  std::size_t head_off_ = 0;
+  std::size_t queued_ = 0;
+  bool write_armed_ = false;
+  bool closed_ = false;
+  bool close_when_drained_ = false;
+  std::error_code write_error_;
+};
+
+}  // namespace mitogen

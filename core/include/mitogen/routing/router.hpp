@@ -1,0 +1,139 @@
+#pragma once
+/// Router: context ids -> streams, handles -> handlers. Delivers inbound messages to
+/// handlers on the broker thread, forwards the rest, and turns every failure to
+/// deliver into a dead message so no caller waits forever.
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "mitogen/io/broker.hpp"
+#include "mitogen/io/stream.hpp"
+#include "mitogen/routing/receiver.hpp"
+#include "mitogen/wire/message.hpp"
+
+namespace mitogen {
+
+/// Options of add_handler().
+struct handler_options {
+  /// Handle to register; 0 allocates a fresh one (>= 1000).
+  std::uint32_t handle = 0;
+  /// Keep the handler after its first message.
+  bool persist = true;
+  /// If set, only messages from this context are accepted, and the handler gets a dead
+  /// message when this context disconnects.
+  std::optional<std::uint32_t> respondent;
+};
+
+/// Where forwarded log records go. Called on the broker thread.
+using log_sink = std::function<void(std::uint32_t context_id, const std::string& context_name,
+                                    const std::string& logger, int level, const std::string& text)>;
+
+/// Created with router::create(); owned by shared_ptr. Thread-safe unless noted.
+class router : public std::enable_shared_from_this<router> {
+ public:
+  /// Called on the broker thread with each message for its handle.
+  using handler_fn = std::function<void(wire::message&&)>;
+
+  static std::shared_ptr<router> create(std::shared_ptr<broker> b);
+  ~router();
+
+  const std::shared_ptr<broker>& get_broker() const noexcept { return broker_; }
+  /// This router's own context id (0: the master).
+  std::uint32_t context_id() const noexcept { return my_id_; }
+
+  /// Register a handler; returns its handle. Any thread.
+  std::uint32_t add_handler(handler_fn fn, handler_options opts = {});
+  /// Remove a handler (no dead message is sent to it). Any thread.
+  void del_handler(std::uint32_t handle);
+  /// A receiver registered on a fresh handle.
+  std::shared_ptr<receiver> make_receiver(std::optional<std::uint32_t> respondent, bool persist);
+
+  /// Send a message (src_id/auth_id are set to ours). Any thread. If it cannot be
+  /// delivered and has a reply_to, a dead message is delivered to that handle.
+  void route(wire::message m);
+
+  /// A new context id for a child.
+  std::uint32_t allocate_id() { return next_id_.fetch_add(1); }
+
+  /// Attach a started stream to context `id`. Messages from it must carry
+  /// src_id == auth_id == `id` (source verification); anything else is dropped and
+  /// logged once. When it closes, every handler whose respondent is `id` gets a dead
+  /// message and the teardown registered for `id` runs (broker thread). The stream
+  /// keeps the router alive until then.
+  void add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s);
+  /// The stream of context `id`, if connected.
+  std::shared_ptr<stream> stream_for(std::uint32_t id) const;
+  /// Name of context `id` ("" if unknown).
+  std::string name_of(std::uint32_t id) const;
+
+  /// Disconnect context `id`'s stream (e.g. it broke the codec rules). Any thread.
+  void disconnect(std::uint32_t id, std::error_code why, const std::string& detail);
+  /// Block until context `id` is disconnected or `timeout` passes. Returns true if gone.
+  bool wait_disconnected(std::uint32_t id, std::chrono::milliseconds timeout);
+
+  /// Run `fn(done)` on the broker thread after a context's stream closed; the router's
+  /// shutdown waits for `done` (used to reap child processes).
+  void add_teardown(std::uint32_t id, std::function<void(std::function<void()> done)> fn);
+
+  /// Route FORWARD_LOG records here (default: spdlog logger "mitogen.ctx").
+  void set_log_sink(log_sink sink);
+
+  /// Ask every child to shut down, close all streams, release every waiting caller.
+  /// Idempotent; any thread; does not block (broker shutdown calls it too).
+  void shutdown();
+  bool is_shut_down() const noexcept { return shut_down_.load(); }
+
+ private:
+  struct handler_entry {
+    handler_fn fn;
+    bool persist;
+    std::optional<std::uint32_t> respondent;
+  };
+  struct route_entry {
+    std::string name;
+    std::shared_ptr<stream> s;
+    bool bad_source_logged = false;
+  };
+
+  explicit router(std::shared_ptr<broker> b);
+  void on_stream_message(std::uint32_t from_id, wire::message&& m);   // broker thread
+  void on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail);  // broker thread
+  void deliver_local(wire::message&& m);  // broker thread
+  void deliver_dead(std::uint32_t handle, std::string reason);  // any thread
+  void on_forward_log(std::uint32_t from_id, const wire::message& m);  // broker thread
+  void shutdown_on_broker(std::function<void()> done);
+
+  std::shared_ptr<broker> broker_;
+  std::uint32_t my_id_ = 0;
+  std::atomic<std::uint32_t> next_id_{1};
+  std::atomic<std::uint32_t> next_handle_{wire::first_dynamic_handle};
+  std::atomic<bool> shut_down_{false};
+  std::uint64_t hook_id_ = 0;
+
+  mutable std::mutex handlers_mu_;
+  std::unordered_map<std::uint32_t, handler_entry> handlers_;
+  std::unordered_map<std::uint32_t, std::unordered_set<std::uint32_t>> by_respondent_;
+
+  mutable std::shared_mutex routes_mu_;
+  std::unordered_map<std::uint32_t, route_entry> routes_;
+
+  std::mutex gone_mu_;
+  std::condition_variable gone_cv_;
+  std::unordered_set<std::uint32_t> gone_;
+
+  // Guarded by gone_mu_.
+  std::unordered_map<std::uint32_t, std::function<void(std::function<void()>)>> teardowns_;
+  std::size_t teardowns_running_ = 0;
+  std::function<void()> shutdown_done_;
+  log_sink log_sink_;
+  std::mutex sink_mu_;
+};
+
+}  // namespace mitogen

@@ -1,0 +1,146 @@
+#include "mitogen/io/broker.hpp"
+
+#include <csignal>
+
+#include <boost/asio/post.hpp>
+#include <spdlog/spdlog.h>
+
+namespace mitogen {
+
+broker::broker() : work_(boost::asio::make_work_guard(io_)) {
+  // A child dying mid-write must give EPIPE, not kill the controller. Python already
+  // ignores SIGPIPE; a C++ host that installed its own handler keeps it.
+  struct sigaction old {};
+  if (::sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
+  std::mutex mu;
+  std::condition_variable cv;
+  bool started = false;
+  thread_ = std::thread([&] {
+    {
+      std::lock_guard lk(mu);
+      thread_id_ = std::this_thread::get_id();
+      started = true;
+    }
+    cv.notify_one();
+    run();
+  });
+  // thread_id_ must be visible before anyone asks on_broker_thread().
+  std::unique_lock lk(mu);
+  cv.wait(lk, [&] { return started; });
+}
+
+broker::~broker() {
+  shutdown();
+  if (on_broker_thread()) {
+    // The last reference died inside a handler: the thread cannot join itself.
+    thread_.detach();
+  } else {
+    join();
+  }
+}
+
+void broker::run() {
+  for (;;) {
+    try {
+      io_.run();
+      break;
+    } catch (const std::exception& e) {
+      // A handler threw: a bug, but the broker must keep serving everyone else.
+      spdlog::error("mitogen: broker handler raised: {}", e.what());
+    }
+  }
+  stopped_.store(true);
+}
+
+bool broker::defer(std::function<void()> fn) {
+  if (stopped_.load()) return false;
+  boost::asio::post(io_, std::move(fn));
+  return true;
+}
+
+bool broker::defer_sync(const std::function<void()>& fn) {
+  if (on_broker_thread()) {
+    fn();
+    return true;
+  }
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false, ran = false;
+  auto state = std::make_shared<std::function<void()>>([&] {
+    fn();
+    ran = true;
+  });
+  if (!defer([&, state] {
+        (*state)();
+        std::lock_guard lk(mu);
+        done = true;
+        cv.notify_one();
+      }))
+    return false;
+  std::unique_lock lk(mu);
+  // If the broker stops before running the handler, io_context destroys it unrun.
+  while (!done) {
+    if (cv.wait_for(lk, std::chrono::milliseconds(50), [&] { return done; })) break;
+    if (stopped_.load()) return false;
+  }
+  return ran;
+}
+
+void broker::shutdown() {
+  if (shutting_down_.exchange(true)) return;
+  boost::asio::post(io_, [this] { begin_shutdown(); });
+}
+
+void broker::begin_shutdown() {
+  std::vector<shutdown_hook> hooks;
+  {
+    std::lock_guard lk(hooks_mu_);
+    for (auto& [id, h] : hooks_) hooks.push_back(h);
+  }
+  hooks_pending_ = hooks.size() + 1;  // +1 for ourselves, released below
+  grace_timer_.expires_after(shutdown_grace);
+  grace_timer_.async_wait([this](const boost::system::error_code& ec) {
+    if (ec) return;
+    if (hooks_pending_ > 0) spdlog::warn("mitogen: broker shutdown grace period expired");
+    hooks_pending_ = 0;
+    work_.reset();
+    io_.stop();
+  });
+  for (auto& h : hooks) {
+    try {
+      h([this] { hook_done(); });
+    } catch (const std::exception& e) {
+      spdlog::error("mitogen: shutdown hook raised: {}", e.what());
+      hook_done();
+    }
+  }
+  hook_done();
+}
+
+void broker::hook_done() {
+  if (hooks_pending_ == 0 || --hooks_pending_ > 0) return;
+  grace_timer_.cancel();
+  work_.reset();
+  // Let already-queued handlers (final writes, dead messages) run, then stop.
+  boost::asio::post(io_, [this] { io_.stop(); });
+}
+
+void broker::join() {
+  if (on_broker_thread()) return;
+  std::lock_guard lk(join_mu_);
+  if (thread_.joinable()) thread_.join();
+}
+
+std::uint64_t broker::add_shutdown_hook(shutdown_hook hook) {
+  std::lock_guard lk(hooks_mu_);
+  auto id = next_hook_id_++;
+  hooks_.emplace_back(id, std::move(hook));
+  return id;
+}
+
+void broker::remove_shutdown_hook(std::uint64_t id) {
+  std::lock_guard lk(hooks_mu_);
+  std::erase_if(hooks_, [id](auto& p) { return p.first == id; });
+}
+
+}  // namespace mitogen

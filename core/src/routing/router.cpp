@@ -1,0 +1,431 @@
+#include "mitogen/routing/router.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include "mitogen/errors.hpp"
+#include "mitogen/wire/constants.hpp"
+
+namespace mitogen {
+
+// ---------------------------------------------------------------- receiver
+
+receiver::~receiver() {
+  if (auto r = router_.lock()) r->del_handler(handle_);
+}
+
+void receiver::push(wire::message&& m) {
+  {
+    std::lock_guard lk(mu_);
+    q_.push_back(std::move(m));
+    pending_.store(true, std::memory_order_release);
+  }
+  cv_.notify_one();
+}
+
+wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> timeout) {
+  // A reply usually comes within tens of microseconds: watching for it briefly
+  // saves the futex sleep and wake-up, which cost about as much as the round trip.
+  if (!pending_.load(std::memory_order_acquire)) {
+    auto until = std::chrono::steady_clock::now() + spin_for;
+    while (!pending_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until)
+      __builtin_ia32_pause();
+  }
+  std::unique_lock lk(mu_);
+  auto ready = [&] { return !q_.empty() || dead_.has_value(); };
+  if (timeout) {
+    if (!cv_.wait_for(lk, *timeout, ready)) throw timeout_error("receive timed out");
+  } else {
+    cv_.wait(lk, ready);
+  }
+  if (q_.empty()) return *dead_;
+  wire::message m = std::move(q_.front());
+  q_.pop_front();
+  pending_.store(!q_.empty(), std::memory_order_release);
+  // A dead message ends the channel: keep answering it.
+  if (m.is_dead()) dead_ = m;
+  return m;
+}
+
+std::optional<wire::message> receiver::try_get() {
+  std::lock_guard lk(mu_);
+  if (q_.empty()) return dead_;
+  wire::message m = std::move(q_.front());
+  q_.pop_front();
+  pending_.store(!q_.empty(), std::memory_order_release);
+  if (m.is_dead()) dead_ = m;
+  return m;
+}
+
+// ---------------------------------------------------------------- router
+
+std::shared_ptr<router> router::create(std::shared_ptr<broker> b) {
+  auto r = std::shared_ptr<router>(new router(std::move(b)));
+  std::weak_ptr<router> weak = r;
+  r->hook_id_ = r->broker_->add_shutdown_hook([weak](std::function<void()> done) {
+    if (auto self = weak.lock())
+      self->shutdown_on_broker(std::move(done));
+    else
+      done();
+  });
+  r->add_handler([weak](wire::message&& m) {
+                   if (m.is_dead()) return;
+                   if (auto self = weak.lock()) self->on_forward_log(m.src_id, m);
+                 },
+                 {.handle = wire::FORWARD_LOG, .persist = true, .respondent = std::nullopt});
+  return r;
+}
+
+router::router(std::shared_ptr<broker> b) : broker_(std::move(b)) {}
+
+// Streams hold the router until they close, so by now no child is connected.
+router::~router() { broker_->remove_shutdown_hook(hook_id_); }
+
+std::uint32_t router::add_handler(handler_fn fn, handler_options opts) {
+  std::lock_guard lk(handlers_mu_);
+  std::uint32_t h = opts.handle ? opts.handle : next_handle_.fetch_add(1);
+  handlers_[h] = handler_entry{std::move(fn), opts.persist, opts.respondent};
+  if (opts.respondent) by_respondent_[*opts.respondent].insert(h);
+  return h;
+}
+
+void router::del_handler(std::uint32_t handle) {
+  std::lock_guard lk(handlers_mu_);
+  auto it = handlers_.find(handle);
+  if (it == handlers_.end()) return;
+  if (it->second.respondent) {
+    auto rit = by_respondent_.find(*it->second.respondent);
+    if (rit != by_respondent_.end()) {
+      rit->second.erase(handle);
+      if (rit->second.empty()) by_respondent_.erase(rit);
+    }
+  }
+  handlers_.erase(it);
+}
+
+std::shared_ptr<receiver> router::make_receiver(std::optional<std::uint32_t> respondent, bool persist) {
+  std::uint32_t h = next_handle_.fetch_add(1);
+  auto rx = std::shared_ptr<receiver>(new receiver(weak_from_this(), h));
+  std::weak_ptr<receiver> weak = rx;
+  add_handler([weak](wire::message&& m) {
+                if (auto r = weak.lock()) r->push(std::move(m));
+              },
+              {.handle = h, .persist = persist, .respondent = respondent});
+  // A receiver made after shutdown must not wait forever.
+  if (shut_down_.load()) deliver_dead(h, "router shut down");
+  return rx;
+}
+
+void router::route(wire::message m) {
+  m.src_id = my_id_;
+  m.auth_id = my_id_;
+  if (m.dst_id == my_id_) {
+    if (!broker_->defer([self = shared_from_this(), m = std::move(m)]() mutable { self->deliver_local(std::move(m)); }))
+      spdlog::debug("mitogen: dropping local message after broker stopped");
+    return;
+  }
+  std::shared_ptr<stream> s;
+  if (!shut_down_.load()) s = stream_for(m.dst_id);
+  const auto dst = m.dst_id;
+  const auto reply_to = m.is_dead() ? 0 : m.reply_to;
+  if (s && s->send(std::move(m))) return;
+  if (reply_to) {
+    deliver_dead(reply_to, shut_down_.load() ? "router shut down" : "no route to context " + std::to_string(dst));
+  }
+}
+
+void router::deliver_dead(std::uint32_t handle, std::string reason) {
+  auto dead = wire::message::dead(my_id_, handle, std::move(reason));
+  dead.src_id = my_id_;
+  auto self = shared_from_this();
+  if (broker_->defer([self, dead]() mutable { self->deliver_local(std::move(dead)); })) return;
+  // The broker is gone: run the handler here so its waiter is released.
+  handler_fn fn;
+  {
+    std::lock_guard lk(handlers_mu_);
+    auto it = handlers_.find(handle);
+    if (it == handlers_.end()) return;
+    fn = it->second.fn;
+  }
+  del_handler(handle);
+  fn(std::move(dead));
+}
+
+void router::deliver_local(wire::message&& m) {
+  handler_fn fn;
+  {
+    std::lock_guard lk(handlers_mu_);
+    auto it = handlers_.find(m.handle);
+    if (it == handlers_.end()) {
+      if (!m.is_dead()) spdlog::debug("mitogen: no handler for handle {} (from {})", m.handle, m.src_id);
+      // Tell the sender nobody is listening, so its caller does not wait forever.
+      if (m.reply_to && !m.is_dead() && m.src_id != my_id_) {
+        auto dead = wire::message::dead(m.src_id, m.reply_to, "no such handle in context " + std::to_string(my_id_));
+        dead.src_id = my_id_;
+        dead.auth_id = my_id_;
+        if (auto s = stream_for(m.src_id)) s->send(dead);
+      }
+      return;
+    }
+    auto& e = it->second;
+    if (e.respondent && *e.respondent != m.src_id && m.src_id != my_id_) {
+      spdlog::warn("mitogen: context {} sent to handle {} reserved for context {}; dropped", m.src_id, m.handle,
+                   *e.respondent);
+      return;
+    }
+    if (e.persist && !m.is_dead()) {
+      fn = e.fn;
+    } else {
+      fn = std::move(e.fn);
+      if (e.respondent) {
+        auto rit = by_respondent_.find(*e.respondent);
+        if (rit != by_respondent_.end()) {
+          rit->second.erase(m.handle);
+          if (rit->second.empty()) by_respondent_.erase(rit);
+        }
+      }
+      handlers_.erase(it);
+    }
+  }
+  fn(std::move(m));
+}
+
+void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
+  // Source verification: a child speaks only for itself.
+  if (m.src_id != from_id || m.auth_id != from_id) {
+    std::unique_lock lk(routes_mu_);
+    auto it = routes_.find(from_id);
+    if (it != routes_.end() && !it->second.bad_source_logged) {
+      it->second.bad_source_logged = true;
+      spdlog::warn("mitogen: context {} ({}) sent a message claiming src_id={} auth_id={}; dropped (logged once)",
+                   from_id, it->second.name, m.src_id, m.auth_id);
+    }
+    return;
+  }
+  if (m.dst_id == my_id_) {
+    deliver_local(std::move(m));
+    return;
+  }
+  // Child-to-child traffic is not permitted until via= routing exists (issue 4).
+  spdlog::debug("mitogen: context {} sent to context {}; no route", from_id, m.dst_id);
+  if (m.reply_to && !m.is_dead()) {
+    auto dead = wire::message::dead(from_id, m.reply_to, "no route to context " + std::to_string(m.dst_id));
+    dead.src_id = my_id_;
+    dead.auth_id = my_id_;
+    if (auto s = stream_for(from_id)) s->send(dead);
+  }
+}
+
+void router::on_forward_log(std::uint32_t from_id, const wire::message& m) {
+  // "name\0level\0text"; anything malformed is shown as it is.
+  std::string logger = "?", text;
+  int level = 20;
+  auto a = m.data.find('\0');
+  auto b = a == std::string::npos ? std::string::npos : m.data.find('\0', a + 1);
+  if (b != std::string::npos) {
+    logger = m.data.substr(0, a);
+    try {
+      level = std::stoi(m.data.substr(a + 1, b - a - 1));
+    } catch (...) {
+    }
+    text = m.data.substr(b + 1);
+  } else {
+    text = m.data;
+  }
+  std::string name = name_of(from_id);
+  log_sink sink;
+  {
+    std::lock_guard lk(sink_mu_);
+    sink = log_sink_;
+  }
+  if (sink) {
+    sink(from_id, name, logger, level, text);
+    return;
+  }
+  auto lvl = level >= 40 ? spdlog::level::err
+             : level >= 30 ? spdlog::level::warn
+             : level >= 20 ? spdlog::level::info
+                           : spdlog::level::debug;
+  spdlog::log(lvl, "[{}] {}: {}", name, logger, text);
+}
+
+void router::set_log_sink(log_sink sink) {
+  std::lock_guard lk(sink_mu_);
+  log_sink_ = std::move(sink);
+}
+
+void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s) {
+  // The stream keeps the router alive until it closes (the callbacks are dropped on
+  // close), so a child's teardown always finds its router.
+  auto self = shared_from_this();
+  s->on_message([self, id](wire::message&& m) { self->on_stream_message(id, std::move(m)); });
+  s->on_disconnect([self, id](std::error_code ec, const std::string& detail) {
+    self->on_stream_gone(id, ec, detail);
+  });
+  std::unique_lock lk(routes_mu_);
+  routes_[id] = route_entry{std::move(name), std::move(s), false};
+}
+
+std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
+  std::shared_lock lk(routes_mu_);
+  auto it = routes_.find(id);
+  return it == routes_.end() ? nullptr : it->second.s;
+}
+
+std::string router::name_of(std::uint32_t id) const {
+  std::shared_lock lk(routes_mu_);
+  auto it = routes_.find(id);
+  return it == routes_.end() ? std::string() : it->second.name;
+}
+
+void router::disconnect(std::uint32_t id, std::error_code why, const std::string& detail) {
+  if (auto s = stream_for(id)) {
+    spdlog::warn("mitogen: disconnecting context {}: {}", id, detail);
+    s->close(why, detail);
+  }
+}
+
+bool router::wait_disconnected(std::uint32_t id, std::chrono::milliseconds timeout) {
+  std::unique_lock lk(gone_mu_);
+  return gone_cv_.wait_for(lk, timeout, [&] { return gone_.count(id) > 0; });
+}
+
+void router::add_teardown(std::uint32_t id, std::function<void(std::function<void()>)> fn) {
+  std::lock_guard lk(gone_mu_);
+  teardowns_[id] = std::move(fn);
+}
+
+void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail) {
+  std::string name;
+  {
+    std::unique_lock lk(routes_mu_);
+    auto it = routes_.find(id);
+    if (it != routes_.end()) {
+      name = it->second.name;
+      routes_.erase(it);
+    }
+  }
+  spdlog::debug("mitogen: context {} ({}) disconnected: {}", id, name, detail);
+  // Release every caller waiting on this context, now.
+  std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
+  {
+    std::lock_guard lk(handlers_mu_);
+    auto rit = by_respondent_.find(id);
+    if (rit != by_respondent_.end()) {
+      for (auto h : rit->second) {
+        auto it = handlers_.find(h);
+        if (it == handlers_.end()) continue;
+        waiting.emplace_back(h, std::move(it->second.fn));
+        handlers_.erase(it);
+      }
+      by_respondent_.erase(rit);
+    }
+  }
+  std::string reason = "context " + std::to_string(id) + " (" + name + ") disconnected: " + detail;
+  for (auto& [h, fn] : waiting) {
+    auto dead = wire::message::dead(my_id_, h, reason);
+    dead.src_id = id;
+    fn(std::move(dead));
+  }
+  std::function<void(std::function<void()>)> teardown;
+  {
+    std::lock_guard lk(gone_mu_);
+    gone_.insert(id);
+    auto it = teardowns_.find(id);
+    if (it != teardowns_.end()) {
+      teardown = std::move(it->second);
+      teardowns_.erase(it);
+      ++teardowns_running_;
+    }
+  }
+  gone_cv_.notify_all();
+  if (teardown) {
+    auto self = shared_from_this();
+    teardown([self] {
+      std::function<void()> done;
+      {
+        std::lock_guard lk(self->gone_mu_);
+        --self->teardowns_running_;
+        if (self->teardowns_running_ == 0 && self->shutdown_done_) {
+          std::shared_lock rl(self->routes_mu_);
+          if (self->routes_.empty()) done = std::move(self->shutdown_done_);
+        }
+      }
+      if (done) done();
+    });
+  } else if (shut_down_.load()) {
+    std::function<void()> done;
+    {
+      std::lock_guard lk(gone_mu_);
+      std::shared_lock rl(routes_mu_);
+      if (teardowns_running_ == 0 && routes_.empty() && shutdown_done_) done = std::move(shutdown_done_);
+    }
+    if (done) done();
+  }
+}
+
+void router::shutdown() {
+  if (shut_down_.load()) return;
+  auto self = shared_from_this();
+  if (!broker_->defer([self] { self->shutdown_on_broker([] {}); })) shut_down_.store(true);
+}
+
+void router::shutdown_on_broker(std::function<void()> done) {
+  if (shut_down_.exchange(true)) {
+    // Already shut down by the user: finish when the remaining teardowns do.
+    bool finished;
+    {
+      std::lock_guard lk(gone_mu_);
+      std::shared_lock rl(routes_mu_);
+      finished = routes_.empty() && teardowns_running_ == 0;
+      if (!finished) {
+        shutdown_done_ = [prev = std::move(shutdown_done_), done = std::move(done)] {
+          if (prev) prev();
+          done();
+        };
+      }
+    }
+    if (finished) done();
+    return;
+  }
+  std::vector<std::shared_ptr<stream>> streams;
+  {
+    std::shared_lock lk(routes_mu_);
+    for (auto& [id, e] : routes_) streams.push_back(e.s);
+  }
+  {
+    std::lock_guard lk(gone_mu_);
+    shutdown_done_ = std::move(done);
+  }
+  for (auto& s : streams) {
+    wire::message m;
+    m.handle = wire::SHUTDOWN;
+    m.src_id = m.auth_id = my_id_;
+    s->send(m);
+    // The child exits on SHUTDOWN or on seeing its stream hang up, whichever is first.
+    s->close_after_flush(std::chrono::milliseconds(200));
+  }
+  // Release callers that wait on no particular context.
+  std::vector<std::pair<std::uint32_t, handler_fn>> rest;
+  {
+    std::lock_guard lk(handlers_mu_);
+    for (auto it = handlers_.begin(); it != handlers_.end();) {
+      if (it->first == wire::FORWARD_LOG) {
+        ++it;
+        continue;
+      }
+      rest.emplace_back(it->first, std::move(it->second.fn));
+      it = handlers_.erase(it);
+    }
+    by_respondent_.clear();
+  }
+  for (auto& [h, fn] : rest) fn(wire::message::dead(my_id_, h, "router shut down"));
+  std::function<void()> now;
+  {
+    std::lock_guard lk(gone_mu_);
+    std::shared_lock rl(routes_mu_);
+    if (routes_.empty() && teardowns_running_ == 0) now = std::move(shutdown_done_);
+  }
+  if (now) now();
+}
+
+}  // namespace mitogen
