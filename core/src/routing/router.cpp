@@ -168,8 +168,9 @@ void router::deliver_local(wire::message&& m) {
     }
     auto& e = it->second;
     if (e.respondent && *e.respondent != m.src_id && m.src_id != my_id_) {
-      spdlog::warn("mitogen: context {} sent to handle {} reserved for context {}; dropped", m.src_id, m.handle,
-                   *e.respondent);
+      if (first_complaint(m.src_id, peer_state::foreign_handle))
+        spdlog::warn("mitogen: context {} sent to handle {} reserved for context {}; dropped (logged once)",
+                     m.src_id, m.handle, *e.respondent);
       return;
     }
     if (e.persist && !m.is_dead()) {
@@ -192,13 +193,9 @@ void router::deliver_local(wire::message&& m) {
 void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
   // Source verification: a child speaks only for itself.
   if (m.src_id != from_id || m.auth_id != from_id) {
-    std::unique_lock lk(routes_mu_);
-    auto it = routes_.find(from_id);
-    if (it != routes_.end() && !it->second.bad_source_logged) {
-      it->second.bad_source_logged = true;
+    if (first_complaint(from_id, peer_state::spoofed))
       spdlog::warn("mitogen: context {} ({}) sent a message claiming src_id={} auth_id={}; dropped (logged once)",
-                   from_id, it->second.name, m.src_id, m.auth_id);
-    }
+                   from_id, name_of(from_id), m.src_id, m.auth_id);
     return;
   }
   if (m.dst_id == my_id_) {
@@ -206,7 +203,8 @@ void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
     return;
   }
   // Child-to-child traffic is not permitted until via= routing exists (issue 4).
-  spdlog::debug("mitogen: context {} sent to context {}; no route", from_id, m.dst_id);
+  if (first_complaint(from_id, peer_state::misrouted))
+    spdlog::warn("mitogen: context {} sent to context {}; no route, dropped (logged once)", from_id, m.dst_id);
   if (m.reply_to && !m.is_dead()) {
     auto dead = wire::message::dead(from_id, m.reply_to, "no route to context " + std::to_string(m.dst_id));
     dead.src_id = my_id_;
@@ -215,7 +213,27 @@ void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
   }
 }
 
+bool router::first_complaint(std::uint32_t id, unsigned what) {
+  auto& p = peers_[id];
+  if (p.warned & what) return false;
+  p.warned |= what;
+  return true;
+}
+
 void router::on_forward_log(std::uint32_t from_id, const wire::message& m) {
+  // A child may log a lot, but not drown the controller: a token bucket per child.
+  auto& peer = peers_[from_id];
+  auto now = std::chrono::steady_clock::now();
+  peer.log_tokens = std::min(log_burst, peer.log_tokens + log_rate * std::chrono::duration<double>(now - peer.log_refill).count());
+  peer.log_refill = now;
+  if (peer.log_tokens < 1.0) {
+    if (peer.logs_dropped++ == 0 && first_complaint(from_id, peer_state::flooding))
+      spdlog::warn("mitogen: context {} ({}) sends more than {} log records per second; dropping the excess "
+                   "(logged once)",
+                   from_id, name_of(from_id), log_rate);
+    return;
+  }
+  peer.log_tokens -= 1.0;
   // "name\0level\0text"; anything malformed is shown as it is.
   std::string logger = "?", text;
   int level = 20;
@@ -262,7 +280,7 @@ void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<strea
     self->on_stream_gone(id, ec, detail);
   });
   std::unique_lock lk(routes_mu_);
-  routes_[id] = route_entry{std::move(name), std::move(s), false};
+  routes_[id] = route_entry{std::move(name), std::move(s)};
 }
 
 std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
@@ -304,7 +322,15 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
       routes_.erase(it);
     }
   }
-  spdlog::debug("mitogen: context {} ({}) disconnected: {}", id, name, detail);
+  if (ec == errc::protocol_error)
+    spdlog::warn("mitogen: context {} ({}) broke the protocol and was disconnected: {}", id, name, detail);
+  else
+    spdlog::debug("mitogen: context {} ({}) disconnected: {}", id, name, detail);
+  if (auto p = peers_.find(id); p != peers_.end()) {
+    if (p->second.logs_dropped)
+      spdlog::warn("mitogen: dropped {} log records from context {} ({})", p->second.logs_dropped, id, name);
+    peers_.erase(p);
+  }
   // Release every caller waiting on this context, now.
   std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
   {

@@ -84,6 +84,10 @@ class router : public std::enable_shared_from_this<router> {
 
   /// Route FORWARD_LOG records here (default: spdlog logger "mitogen.ctx").
   void set_log_sink(log_sink sink);
+  /// Forwarded log records a child may send per second, and in one burst; the excess
+  /// is dropped (and counted in the log when the child disconnects).
+  static constexpr double log_rate = 2000.0;
+  static constexpr double log_burst = 10000.0;
 
   /// Ask every child to shut down, close all streams, release every waiting caller.
   /// Idempotent; any thread; does not block (broker shutdown calls it too).
@@ -99,8 +103,18 @@ class router : public std::enable_shared_from_this<router> {
   struct route_entry {
     std::string name;
     std::shared_ptr<stream> s;
-    bool bad_source_logged = false;
   };
+  /// What a child has done wrong, so each kind of misbehaviour is logged once, and
+  /// its log-forwarding budget. Broker thread only.
+  struct peer_state {
+    enum : unsigned { spoofed = 1, foreign_handle = 2, flooding = 4, misrouted = 8 };
+    unsigned warned = 0;
+    double log_tokens = log_burst;
+    std::chrono::steady_clock::time_point log_refill = std::chrono::steady_clock::now();
+    std::uint64_t logs_dropped = 0;
+  };
+  /// True the first time `what` is reported for `id` (broker thread).
+  bool first_complaint(std::uint32_t id, unsigned what);
 
   explicit router(std::shared_ptr<broker> b);
   void on_stream_message(std::uint32_t from_id, wire::message&& m);   // broker thread
@@ -127,6 +141,8 @@ class router : public std::enable_shared_from_this<router> {
   std::mutex gone_mu_;
   std::condition_variable gone_cv_;
   std::unordered_set<std::uint32_t> gone_;
+
+  std::unordered_map<std::uint32_t, peer_state> peers_;  // broker thread only
 
   // Guarded by gone_mu_.
   std::unordered_map<std::uint32_t, std::function<void(std::function<void()>)>> teardowns_;
