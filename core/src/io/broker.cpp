@@ -50,6 +50,7 @@ void broker::run() {
     }
   }
   stopped_.store(true);
+  thread_id_.store(std::thread::id());
 }
 
 bool broker::defer(std::function<void()> fn) {

@@ -8,7 +8,6 @@
 #include <cstring>
 
 #include <boost/asio/post.hpp>
-#include <boost/asio/steady_timer.hpp>
 #include <spdlog/spdlog.h>
 
 #include "mitogen/errors.hpp"
@@ -86,7 +85,7 @@ bool stream::send_raw(std::string bytes) { return enqueue({}, std::move(bytes));
 
 bool stream::enqueue(std::string head, std::string body) {
   std::unique_lock lk(wmu_);
-  if (closed_ || close_when_drained_) return false;
+  if (closed_) return false;
   std::size_t written = 0;
   if (queue_.empty()) {
     // Fast path: write inline from the caller's thread; no broker wake-up unless the
@@ -187,10 +186,6 @@ void stream::flush_on_broker() {
   if (queued_ <= opts_.max_queued_bytes / 2) drained_.notify_all();
   if (queue_.empty()) {
     write_armed_ = false;
-    if (close_when_drained_) {
-      lk.unlock();
-      close_on_broker(make_error_code(errc::broker_shut_down), "closed after flush");
-    }
     return;
   }
   lk.unlock();
@@ -267,27 +262,6 @@ void stream::close(std::error_code reason, std::string detail) {
     // Broker already stopped: close synchronously (no handlers can run any more).
     self->close_on_broker(reason, "broker stopped");
   }
-}
-
-void stream::close_after_flush(std::chrono::milliseconds timeout) {
-  {
-    std::lock_guard lk(wmu_);
-    if (closed_) return;
-    close_when_drained_ = true;
-    if (queue_.empty() && !write_armed_) {
-      // Nothing left to write.
-    } else {
-      auto self = shared_from_this();
-      broker_->defer([self, timeout] {
-        auto t = std::make_shared<boost::asio::steady_timer>(self->broker_->io(), timeout);
-        t->async_wait([self, t](const boost::system::error_code&) {
-          self->close_on_broker(make_error_code(errc::broker_shut_down), "flush timed out");
-        });
-      });
-      return;
-    }
-  }
-  close(make_error_code(errc::broker_shut_down), "closed");
 }
 
 void stream::close_on_broker(std::error_code reason, std::string detail) {

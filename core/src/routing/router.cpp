@@ -1,5 +1,6 @@
 #include "mitogen/routing/router.hpp"
 
+#include <boost/asio/steady_timer.hpp>
 #include <spdlog/spdlog.h>
 
 #include "mitogen/errors.hpp"
@@ -427,8 +428,14 @@ void router::shutdown_on_broker(std::function<void()> done) {
     m.handle = wire::SHUTDOWN;
     m.src_id = m.auth_id = my_id_;
     s->send(m);
-    // The child exits on SHUTDOWN or on seeing its stream hang up, whichever is first.
-    s->close_after_flush(std::chrono::milliseconds(200));
+  }
+  // Keep reading while the children flush their last output and exit (their EOF
+  // closes each stream); hang up on whoever is still there after the grace period.
+  if (!streams.empty()) {
+    auto timer = std::make_shared<boost::asio::steady_timer>(broker_->io(), shutdown_grace);
+    timer->async_wait([timer, streams](const boost::system::error_code&) {
+      for (auto& s : streams) s->close(make_error_code(errc::broker_shut_down), "shutdown grace period ended");
+    });
   }
   // Release callers that wait on no particular context.
   std::vector<std::pair<std::uint32_t, handler_fn>> rest;

@@ -52,7 +52,7 @@ class broker : public std::enable_shared_from_this<broker> {
   /// True once shutdown() has been called.
   bool shutting_down() const noexcept { return shutting_down_.load(); }
   /// True when called from the broker thread.
-  bool on_broker_thread() const noexcept { return std::this_thread::get_id() == thread_id_; }
+  bool on_broker_thread() const noexcept { return std::this_thread::get_id() == thread_id_.load(); }
 
   /// A hook run on the broker thread when shutdown starts. The hook receives a
   /// `done` callback it must call (from the broker thread) when its cleanup is
@@ -73,7 +73,9 @@ class broker : public std::enable_shared_from_this<broker> {
   boost::asio::io_context io_;
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
   std::thread thread_;
-  std::thread::id thread_id_;
+  /// Cleared when the thread ends: thread ids are reused, and an unrelated thread
+  /// must never look like the broker's.
+  std::atomic<std::thread::id> thread_id_{};
   std::atomic<bool> shutting_down_{false};
   std::atomic<bool> stopped_{false};
 

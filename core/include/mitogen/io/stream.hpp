@@ -69,8 +69,6 @@ class stream : public std::enable_shared_from_this<stream> {
 
   /// Close both directions now, discarding queued output. Any thread; idempotent.
   void close(std::error_code reason, std::string detail);
-  /// Close once queued output has been written (or after `timeout`). Any thread.
-  void close_after_flush(std::chrono::milliseconds timeout);
 
   bool closed() const;
   const std::string& name() const noexcept { return opts_.name; }
@@ -107,7 +105,6 @@ class stream : public std::enable_shared_from_this<stream> {
   std::size_t queued_ = 0;
   bool write_armed_ = false;
   bool closed_ = false;
-  bool close_when_drained_ = false;
   std::error_code write_error_;
 };
 

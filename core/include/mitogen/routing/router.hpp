@@ -89,6 +89,9 @@ class router : public std::enable_shared_from_this<router> {
   static constexpr double log_rate = 2000.0;
   static constexpr double log_burst = 10000.0;
 
+  /// How long shutdown() lets children flush and exit before hanging up on them.
+  static constexpr std::chrono::milliseconds shutdown_grace{500};
+
   /// Ask every child to shut down, close all streams, release every waiting caller.
   /// Idempotent; any thread; does not block (broker shutdown calls it too).
   void shutdown();
