@@ -1,0 +1,228 @@
+"""Values and exceptions shared by every part of mitogen_native.
+
+The classes that may cross the wire besides the built-in types (see the
+serialization rules in docs/getting-started.md) live here, under the names the
+wire protocol uses for them (``mitogen.core.Kwargs``, ``CallError``, ...), plus
+:class:`Context`, the handle on a running context.
+"""
+import logging
+import threading
+
+from mitogen_native import _native
+
+LOG = logging.getLogger('mitogen')
+
+
+class Error(Exception):
+    """Base of every mitogen_native exception. ``Error(fmt, *args)`` formats
+    ``fmt % args``."""
+    def __init__(self, fmt=None, *args):
+        if args:
+            fmt %= args
+        Exception.__init__(self, fmt)
+
+
+class CallError(Error):
+    """A function called in a context raised.
+
+    ``str(e)`` is the remote exception as ``"<module>.<Class>: <message>"``
+    followed by the remote traceback. The parts are also available as
+    :attr:`type_name` (e.g. ``'builtins.ValueError'``), :attr:`remote_message`
+    and :attr:`remote_traceback`.
+
+    ``CallError(exc)`` builds the same text from a local exception, for code
+    that wants to return or send one.
+    """
+    def __init__(self, fmt=None, *args):
+        if isinstance(fmt, BaseException):
+            fmt, args = _describe_exception(fmt), ()
+        Error.__init__(self, fmt, *args)
+
+    def _parts(self):
+        text = self.args[0] if self.args and isinstance(self.args[0], str) else ''
+        head, _, tb = text.partition('\n')
+        type_name, sep, message = head.partition(': ')
+        if not sep or ' ' in type_name:
+            return '', head, tb
+        return type_name, message, tb
+
+    @property
+    def type_name(self):
+        """Qualified name of the remote exception's class ('' if unknown)."""
+        return self._parts()[0]
+
+    @property
+    def remote_message(self):
+        """The remote exception's message."""
+        return self._parts()[1]
+
+    @property
+    def remote_traceback(self):
+        """The remote traceback, as text."""
+        return self._parts()[2]
+
+
+def _describe_exception(exc):
+    import traceback
+    cls = type(exc)
+    text = '%s.%s: %s' % (cls.__module__, cls.__name__, exc)
+    if exc.__traceback__ is not None:
+        text += '\n' + ''.join(traceback.format_tb(exc.__traceback__))
+    return text
+
+
+class ChannelError(Error):
+    """The other end went away: the context exited, was killed, or could not be
+    reached, before answering."""
+
+
+class StreamError(Error):
+    """A context could not be started, or its connection broke the protocol."""
+
+
+class TimeoutError(Error):
+    """A wait given a timeout ran out of time. (Not the built-in TimeoutError.)"""
+
+
+class Kwargs(dict):
+    """Keyword arguments of a call, kept distinct from an ordinary dict argument."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return 'Kwargs(%s)' % (dict.__repr__(self),)
+
+
+class Blob(bytes):
+    """Bytes that log messages show as their size rather than their content."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return '[blob: %d bytes]' % len(self)
+
+
+class Secret(str):
+    """Text that log messages mask (passwords and the like)."""
+    __slots__ = ()
+
+    def __repr__(self):
+        return '[secret]'
+
+
+class Sender(object):
+    """Where messages to one handle of one context go (used by later APIs)."""
+    def __init__(self, context, dst_handle):
+        self.context = context
+        self.dst_handle = dst_handle
+
+    def __repr__(self):
+        return 'Sender(%r, %r)' % (self.context, self.dst_handle)
+
+
+class _DEAD(object):
+    """The dead marker: what a closed channel yields. ``_DEAD()`` is a singleton."""
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = object.__new__(cls)
+        return cls._instance
+
+    def __repr__(self):
+        return 'mitogen_native.core._DEAD'
+
+
+#: A running context: ``call()``, ``call_async()``, ``call_no_reply()``,
+#: ``shutdown()``. Contexts may be passed to and returned from calls.
+Context = _native.Context
+#: What ``Context.call_async()`` returns; ``get()`` gives the result.
+Receiver = _native.Receiver
+for _cls in (Context, Receiver):
+    _cls.__module__ = __name__
+del _cls
+
+_native._register_types(
+    Kwargs=Kwargs, Blob=Blob, Secret=Secret, CallError=CallError, Sender=Sender,
+    _DEAD=_DEAD, Error=Error, ChannelError=ChannelError, StreamError=StreamError,
+    TimeoutError=TimeoutError)
+
+
+# ---------------------------------------------------------------------------
+# Log records from contexts (and from the C++ core) reach `logging` here. The
+# broker thread never runs Python: it queues records in C++, and this daemon
+# thread moves them into `logging`.
+
+def _emit(batch):
+    for context_name, context_id, name, level, text in batch:
+        if context_name is None:
+            logger = logging.getLogger(name)
+            if logger.isEnabledFor(level):
+                logger.log(level, '%s', text)
+            continue
+        logger = logging.getLogger('mitogen.ctx.' + context_name)
+        if logger.isEnabledFor(level):
+            logger.log(level, '%s: %s', name, text, extra={
+                'mitogen_name': name,
+                'mitogen_message': text,
+                'mitogen_context_id': context_id,
+                'mitogen_context_name': context_name,
+            })
+
+
+class _LogPump(object):
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def start(self):
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name='mitogen_native.logs')
+                self._thread.start()
+
+    def _run(self):
+        while True:
+            batch = _native._log_wait(1.0)
+            if batch is None:
+                return
+            try:
+                _emit(batch)
+            except Exception:
+                pass  # logging's own handlers report their errors; never die here
+
+    def stop(self):
+        """Deliver what is queued and stop (at exit, once the brokers are gone)."""
+        _native._log_close()
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(2.0)
+            return
+        while True:
+            batch = _native._log_wait(0.0)
+            if batch is None:
+                return
+            _emit(batch)
+
+
+_log_pump = _LogPump()
+
+
+def _set_core_log_level(level):
+    _native._set_core_log_level(level)
+
+
+_debug_handler = None
+
+
+def enable_debug_logging():
+    """Write this program's mitogen_native DEBUG log to /tmp/mitogen.<pid>.log."""
+    global _debug_handler
+    import os
+    if _debug_handler is None:
+        _debug_handler = logging.FileHandler('/tmp/mitogen.%d.log' % os.getpid())
+        _debug_handler.setFormatter(logging.Formatter(
+            '%(asctime)s %(levelname).1s %(name)s: %(message)s', '%H:%M:%S'))
+        logging.getLogger('mitogen').addHandler(_debug_handler)
+    logging.getLogger('mitogen').setLevel(logging.DEBUG)
+    _set_core_log_level(logging.DEBUG)

@@ -1,0 +1,91 @@
+"""The controlling program's side: :class:`Broker` and :class:`Router`."""
+import logging
+import sys
+
+from mitogen_native import _native
+from mitogen_native import core
+
+
+class Broker(_native.Broker):
+    """Runs the private I/O thread (a C++ thread) serving its routers.
+
+    Call :meth:`shutdown` then :meth:`join` when done; a program that forgets is
+    cleaned up at interpreter exit anyway. Usable as a context manager.
+    """
+    def __init__(self):
+        _native.Broker.__init__(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.shutdown()
+        self.join()
+
+
+class Router(_native.Router):
+    """Creates contexts and routes their messages. Any number of routers may share
+    one broker; ``Router()`` without a broker makes its own."""
+
+    def __init__(self, broker=None):
+        if broker is None:
+            broker = Broker()
+        _native.Router.__init__(self, broker)
+        core._log_pump.start()
+
+    def local(self, remote_name=None, python_path=None, debug=None,
+              connect_timeout=None, name=None, via=None, **kwargs):
+        """Start a Python interpreter as a subprocess under this router's control
+        and return its :class:`mitogen_native.core.Context` once it has booted.
+
+        :param remote_name: the child's ``argv[0]`` becomes ``mitogen:<remote_name>``
+            (default ``<user>@<host>:<our pid>``); also the context's name.
+        :param python_path: interpreter command (str or list); default
+            ``sys.executable``.
+        :param debug: the child writes a DEBUG log to ``/tmp/mitogen.<child pid>.log``
+            (default: :attr:`debug`, set by :meth:`enable_debug`).
+        :param connect_timeout: seconds allowed for the bootstrap (default 30).
+        :param name: the returned Context's name, if it should differ from
+            ``remote_name``.
+        :raises mitogen_native.core.StreamError: the child could not be started.
+        """
+        if via is not None:
+            raise NotImplementedError(
+                'via= (contexts started through other contexts) arrives with the '
+                'SSH/sudo connection methods; it is not available yet')
+        if kwargs:
+            raise TypeError('local() got unexpected keyword argument(s): %s'
+                            % ', '.join(sorted(kwargs)))
+        if python_path is None:
+            python_path = [sys.executable or '/usr/bin/python3']
+        elif isinstance(python_path, str):
+            python_path = [python_path]
+        else:
+            python_path = [str(p) for p in python_path]
+        if debug is None:
+            debug = self.debug
+        if connect_timeout is None:
+            connect_timeout = 30.0
+        # Children forward records at INFO and above, or DEBUG when this program
+        # (or enable_debug()) asks for them.
+        log_level = logging.DEBUG if (
+            debug or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
+        return self._local(remote_name, python_path, bool(debug), float(connect_timeout),
+                           name, log_level)
+
+    def enable_debug(self):
+        """Turn on debug logs: this program's go to ``/tmp/mitogen.<pid>.log``, and
+        every context started afterwards writes its own to
+        ``/tmp/mitogen.<child pid>.log``."""
+        core.enable_debug_logging()
+        self.debug = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.broker.shutdown()
+        self.broker.join()
+
+
+Broker.__module__ = Router.__module__ = __name__

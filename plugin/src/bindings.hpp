@@ -1,0 +1,142 @@
+#pragma once
+/// Shared declarations of the extension's translation units. Each area of the API
+/// binds itself in its own file; module.cpp only calls the register_*() functions.
+///
+/// Threading rule: Python objects (py::object, PyObject*) live only in the types
+/// below and are only touched by Python threads holding the GIL. The broker thread
+/// sees C++ values (wire::value, std::string) and nothing else.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <vector>
+
+#include "mitogen/mitogen.hpp"
+
+namespace py = pybind11;
+
+namespace mitogen::python {
+
+/// The contexts started through one router. Shutdown uses it to let them exit on
+/// their own first (so their last output is still read) before streams are closed.
+struct router_contexts {
+  std::weak_ptr<mitogen::router> r;
+  std::mutex mu;
+  std::vector<std::uint32_t> ids;
+  void add(std::uint32_t id);
+};
+
+/// Ask every context of `routers` to exit, then run `then` (without the GIL, on a
+/// helper thread) once they all disconnected or `grace` passed. Never blocks.
+void graceful_shutdown(const std::vector<std::shared_ptr<router_contexts>>& routers, std::function<void()> then);
+
+/// How long a graceful shutdown waits for contexts to exit by themselves. A context
+/// busy in a call only exits after it, so this is kept short: after it, closing the
+/// stream makes any context exit at once.
+inline constexpr std::chrono::milliseconds shutdown_grace{500};
+
+/// Python's Broker: owns one broker (one I/O thread).
+struct py_broker {
+  std::shared_ptr<mitogen::broker> b;
+  std::mutex mu;
+  std::vector<std::shared_ptr<router_contexts>> routers;  // guarded by mu
+  std::atomic<bool> stopping{false};
+  /// Broker.shutdown(): graceful_shutdown() of every router, then the core's shutdown.
+  void shutdown();
+  ~py_broker();
+};
+
+/// Python's Router. `broker` is the Python Broker object, kept so router.broker is
+/// the very object the user passed.
+struct py_router {
+  std::shared_ptr<mitogen::router> r;
+  py::object broker;
+  std::shared_ptr<router_contexts> contexts;
+  bool debug = false;  ///< default of local(debug=...), set by enable_debug()
+};
+
+/// Python's Context: a core context plus the Python Router it belongs to, which is
+/// where contexts decoded from replies are bound.
+struct py_context {
+  mitogen::context ctx;
+  py::object router;
+};
+
+/// Python's Receiver (call_async's result). Keeps the reply once received, so
+/// get() can be repeated.
+struct py_receiver {
+  std::shared_ptr<mitogen::receiver> rx;
+  py_context owner;
+  std::optional<wire::message> reply;
+};
+
+/// Python classes defined in mitogen_native/core.py that the conversions and the
+/// exception translator need. Filled by core.py through _native._register_types().
+struct wire_types {
+  py::object Kwargs, Blob, Secret, CallError, Sender, DEAD;
+  py::object Error, ChannelError, StreamError, TimeoutError;
+};
+wire_types& types();
+
+// ---- conversions (convert.cpp)
+
+/// Python -> wire. Raises TypeError naming the refused value's type and where it
+/// sits, e.g. "cannot send value of type set at args[1]['k']". GIL held.
+wire::value to_wire(py::handle o, const char* root);
+/// Positional arguments args[first:] as a wire tuple. GIL held.
+wire::tuple args_to_wire(const py::args& args, std::size_t first);
+/// Keyword arguments as Kwargs. GIL held.
+wire::kwargs kwargs_to_wire(const py::kwargs& kw);
+/// wire -> Python; contexts in `v` are bound to `router` (a Python Router). GIL held.
+py::object from_wire(wire::value&& v, const py::object& router);
+
+// ---- GIL and waiting (gil.cpp)
+
+/// Releases the GIL for its lifetime, like py::gil_scoped_release, except that a
+/// thread waking up after the interpreter began finalizing parks for good instead
+/// of being killed inside a C++ destructor (which would std::terminate the process).
+class nogil {
+ public:
+  nogil();
+  ~nogil();
+  nogil(const nogil&) = delete;
+  nogil& operator=(const nogil&) = delete;
+
+ private:
+  PyThreadState* ts_;
+};
+
+/// How often a blocked caller wakes to let Python run signal handlers (Ctrl-C).
+inline constexpr std::chrono::milliseconds signal_poll{50};
+
+/// Wait for the next message on `rx` without the GIL, waking every signal_poll to
+/// run Python's signal handlers (KeyboardInterrupt propagates). `timeout_s` bounds
+/// the wait (mitogen::timeout_error). GIL held on entry and exit.
+wire::message wait_message(receiver& rx, std::optional<double> timeout_s);
+/// Poll `done` (called without the GIL, with the time it may block) until it
+/// returns true, running signal handlers between slices. Returns false on timeout.
+bool wait_until(const std::function<bool(std::chrono::milliseconds)>& done, std::optional<double> timeout_s);
+
+// ---- log records (log_queue.cpp)
+
+/// Queue a record forwarded by a context. Any thread (the broker's, typically).
+void push_context_log(std::uint32_t context_id, const std::string& context_name, const std::string& logger,
+                      int level, const std::string& text);
+
+// ---- registration, one per file
+void register_errors(py::module_& m);
+void register_convert(py::module_& m);
+void register_logging(py::module_& m);
+void register_broker(py::module_& m);
+void register_router(py::module_& m);
+void register_context(py::module_& m);
+
+/// Build a Python Context for `ctx`, bound to `router`. GIL held.
+py::object make_context(mitogen::context ctx, const py::object& router);
+
+}  // namespace mitogen::python

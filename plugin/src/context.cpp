@@ -1,0 +1,261 @@
+// Context and Receiver: the call path. Everything between taking the arguments and
+// handing back the result happens here, in one C++ call: convert the arguments,
+// send, release the GIL, wait, convert the reply.
+#include "bindings.hpp"
+
+namespace mitogen::python {
+namespace {
+
+/// Interned attribute names (leaked: they must outlive static destruction).
+struct names {
+  PyObject* module = PyUnicode_InternFromString("__module__");
+  PyObject* name = PyUnicode_InternFromString("__name__");
+  PyObject* qualname = PyUnicode_InternFromString("__qualname__");
+  PyObject* closure = PyUnicode_InternFromString("__closure__");
+  PyObject* objclass = PyUnicode_InternFromString("__objclass__");
+};
+const names& attr_names() {
+  static auto* n = new names();
+  return *n;
+}
+
+/// getattr(o, name) as UTF-8, or nullopt if missing or not a str.
+std::optional<std::string> text_attr(PyObject* o, PyObject* name) {
+  PyObject* v = PyObject_GetAttr(o, name);
+  if (!v) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  std::optional<std::string> out;
+  if (PyUnicode_Check(v)) {
+    Py_ssize_t n;
+    if (const char* s = PyUnicode_AsUTF8AndSize(v, &n)) out.emplace(s, static_cast<std::size_t>(n));
+    else PyErr_Clear();
+  }
+  Py_DECREF(v);
+  return out;
+}
+
+[[noreturn]] void cannot_call(PyObject* fn, const std::string& why) {
+  std::string what = py::repr(fn).cast<std::string>();
+  throw py::type_error("cannot call " + what + " remotely: " + why);
+}
+
+/// The class part of a call: a class reachable as module.Class.
+void set_class(mitogen::call_spec& spec, PyObject* fn, PyObject* cls) {
+  auto& n = attr_names();
+  auto qual = text_attr(cls, n.qualname);
+  auto mod = text_attr(cls, n.module);
+  if (!qual || !mod) cannot_call(fn, "its class has no __module__/__qualname__");
+  if (qual->find('.') != std::string::npos)
+    cannot_call(fn, "its class " + *qual + " is not reachable from module scope");
+  spec.module = std::move(*mod);
+  spec.class_name = std::move(*qual);
+}
+
+/// Which module, class and function the child must look up for `fn`. The child can
+/// only find what it can import: module-level functions and classes, and methods of
+/// module-level classes that need no instance.
+void describe_fn(PyObject* fn, mitogen::call_spec& spec) {
+  auto& n = attr_names();
+  if (PyMethod_Check(fn)) {
+    // Bound method: fine if bound to a class (a classmethod), not to an instance.
+    PyObject* self = PyMethod_GET_SELF(fn);
+    if (!PyType_Check(self)) cannot_call(fn, "instance methods need the instance, which cannot be sent");
+    set_class(spec, fn, self);
+    auto name = text_attr(PyMethod_GET_FUNCTION(fn), n.name);
+    if (!name) cannot_call(fn, "it has no __name__");
+    spec.function = std::move(*name);
+    return;
+  }
+  if (PyCFunction_Check(fn)) {
+    // Built-in function (os.getpid: bound to its module) or built-in classmethod
+    // (dict.fromkeys: bound to the type); bound to anything else it is an instance's.
+    PyObject* self = PyCFunction_GET_SELF(fn);
+    auto name = text_attr(fn, n.name);
+    if (!name) cannot_call(fn, "it has no __name__");
+    if (self && PyType_Check(self)) {
+      set_class(spec, fn, self);
+    } else if (self && !PyModule_Check(self)) {
+      cannot_call(fn, "instance methods need the instance, which cannot be sent");
+    } else {
+      auto mod = text_attr(fn, n.module);
+      if (!mod) cannot_call(fn, "it has no __module__");
+      spec.module = std::move(*mod);
+    }
+    spec.function = std::move(*name);
+    return;
+  }
+  // Unbound method of a built-in class, e.g. str.upper: called with the instance as
+  // its first argument.
+  if (PyObject* cls = PyObject_GetAttr(fn, n.objclass)) {
+    py::object hold = py::reinterpret_steal<py::object>(cls);
+    if (PyType_Check(cls)) {
+      set_class(spec, fn, cls);
+      auto name = text_attr(fn, n.name);
+      if (!name) cannot_call(fn, "it has no __name__");
+      spec.function = std::move(*name);
+      return;
+    }
+  } else {
+    PyErr_Clear();
+  }
+  // Functions, classes and other callables named by module + qualified name.
+  auto name = text_attr(fn, n.name);
+  auto mod = text_attr(fn, n.module);
+  if (!name || !mod) cannot_call(fn, "it has no __module__ and __name__ to find it by");
+  if (*name == "<lambda>") cannot_call(fn, "a lambda has no name the child could find it by");
+  if (PyFunction_Check(fn)) {
+    PyObject* closure = PyFunction_GET_CLOSURE(fn);
+    if (closure && closure != Py_None) cannot_call(fn, "a closure's captured state cannot be sent");
+  }
+  auto qual = text_attr(fn, n.qualname).value_or(*name);
+  if (qual.find("<locals>") != std::string::npos)
+    cannot_call(fn, "functions defined inside functions are not reachable from module scope");
+  if (*mod == "__main__")
+    cannot_call(fn,
+                "it lives in __main__, and contexts cannot import the controller's __main__ yet "
+                "(module forwarding is not available); move it to an importable module");
+  // A plain function found through its class (a staticmethod): module.Class.function.
+  auto dot = qual.find('.');
+  if (dot != std::string::npos) {
+    if (qual.find('.', dot + 1) != std::string::npos) cannot_call(fn, "it is not reachable from module scope");
+    spec.class_name = qual.substr(0, dot);
+  }
+  spec.module = std::move(*mod);
+  spec.function = std::move(*name);
+}
+
+mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const char* method) {
+  if (args.empty()) throw py::type_error(std::string(method) + "() missing the function to call");
+  mitogen::call_spec spec;
+  describe_fn(PySequence_Fast_ITEMS(args.ptr())[0], spec);
+  spec.args = args_to_wire(args, 1);
+  spec.kwargs = kwargs_to_wire(kw);
+  return spec;
+}
+
+/// Replies above this size are decoded without the GIL (a 1 MiB copy is ~100 us).
+constexpr std::size_t big_reply = 64 * 1024;
+
+py::object result_of(const py_context& c, const wire::message& m) {
+  if (m.data.size() < big_reply) return from_wire(c.ctx.result(m), c.router);
+  std::optional<wire::value> v;
+  {
+    nogil g;
+    v = c.ctx.result(m);
+  }
+  return from_wire(std::move(*v), c.router);
+}
+
+py::object call(const py_context& c, const py::args& args, const py::kwargs& kw) {
+  mitogen::call_spec spec = make_spec(args, kw, "call");
+  std::shared_ptr<mitogen::receiver> rx;
+  std::optional<wire::message> m;
+  {
+    // One GIL release for send + the first wait slice: most calls end here.
+    nogil g;
+    rx = c.ctx.call_async(spec);
+    try {
+      m = rx->get(signal_poll);
+    } catch (const mitogen::timeout_error&) {
+    }
+  }
+  if (!m) m = wait_message(*rx, std::nullopt);
+  return result_of(c, *m);
+}
+
+std::string repr(const py_context& c) {
+  return "Context(" + std::to_string(c.ctx.id()) + ", " + py::repr(py::str(c.ctx.name())).cast<std::string>() + ")";
+}
+
+}  // namespace
+
+py::object make_context(mitogen::context ctx, const py::object& router) {
+  return py::cast(py_context{std::move(ctx), router}, py::return_value_policy::move);
+}
+
+void register_context(py::module_& m) {
+  py::class_<py_context>(m, "Context", py::dynamic_attr(),
+                         "A context (a Python program under this one's control) and the calls into it.")
+      .def(py::init([](py::object router, std::uint32_t id, std::optional<std::string> name) {
+             if (!py::isinstance<py_router>(router)) throw py::type_error("Context(router, ...): not a Router");
+             auto& pr = router.cast<py_router&>();
+             return py_context{mitogen::context(pr.r, id, name ? *name : pr.r->name_of(id)), router};
+           }),
+           py::arg("router"), py::arg("context_id"), py::arg("name") = py::none())
+      .def_property_readonly("context_id", [](const py_context& c) { return c.ctx.id(); })
+      .def_property_readonly("name", [](const py_context& c) { return c.ctx.name(); })
+      .def_property_readonly("router", [](const py_context& c) { return c.router; })
+      .def("call", &call,
+           "call(fn, *args, **kwargs): run fn(*args, **kwargs) in the context and return its result. "
+           "Raises CallError if it raised, ChannelError if the context went away.")
+      .def(
+          "call_async",
+          [](const py_context& c, const py::args& args, const py::kwargs& kw) {
+            mitogen::call_spec spec = make_spec(args, kw, "call_async");
+            std::shared_ptr<mitogen::receiver> rx;
+            {
+              nogil g;
+              rx = c.ctx.call_async(spec);
+            }
+            return py_receiver{std::move(rx), c, std::nullopt};
+          },
+          "call_async(fn, *args, **kwargs): start the call and return a Receiver whose get() gives the result.")
+      .def(
+          "call_no_reply",
+          [](const py_context& c, const py::args& args, const py::kwargs& kw) {
+            mitogen::call_spec spec = make_spec(args, kw, "call_no_reply");
+            nogil g;
+            c.ctx.call_no_reply(spec);
+          },
+          "call_no_reply(fn, *args, **kwargs): start the call; no result comes back, failures are logged "
+          "by the context.")
+      .def(
+          "shutdown",
+          [](const py_context& c, bool wait, std::optional<double> timeout) {
+            {
+              nogil g;
+              c.ctx.shutdown(false);
+            }
+            if (!wait) return;
+            const auto& r = c.ctx.get_router();
+            const auto id = c.ctx.id();
+            if (!wait_until([&](std::chrono::milliseconds slice) { return r->wait_disconnected(id, slice); }, timeout))
+              throw mitogen::timeout_error("context " + c.ctx.name() + " did not exit within the timeout");
+          },
+          py::arg("wait") = false, py::arg("timeout") = py::none(),
+          "Ask the context to exit once its current call ends; with wait=True, block until it has.")
+      .def("__repr__", &repr)
+      .def("__eq__",
+           [](const py_context& a, py::object other) {
+             if (!py::isinstance<py_context>(other)) return false;
+             const auto& b = other.cast<const py_context&>();
+             return a.ctx.id() == b.ctx.id() && a.ctx.get_router() == b.ctx.get_router();
+           })
+      .def("__hash__", [](const py_context& c) {
+        return std::hash<std::uint32_t>()(c.ctx.id()) ^ std::hash<const void*>()(c.ctx.get_router().get());
+      });
+
+  py::class_<py_receiver>(m, "Receiver", "The pending result of call_async().")
+      .def(
+          "get",
+          [](py_receiver& self, std::optional<double> timeout) {
+            if (!self.reply) self.reply = wait_message(*self.rx, timeout);
+            return result_of(self.owner, *self.reply);
+          },
+          py::arg("timeout") = py::none(),
+          "Wait for the call's result and return it (raising CallError, ChannelError, or TimeoutError when "
+          "`timeout` seconds pass first). May be called again: it returns the same result.")
+      .def(
+          "ready",
+          [](py_receiver& self) {
+            if (!self.reply) self.reply = self.rx->try_get();
+            return self.reply.has_value();
+          },
+          "True once the result has arrived (get() will not block).")
+      .def_property_readonly("context", [](const py_receiver& self) { return make_context(self.owner.ctx, self.owner.router); })
+      .def_property_readonly("handle", [](const py_receiver& self) { return self.rx->handle(); });
+}
+
+}  // namespace mitogen::python

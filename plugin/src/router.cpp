@@ -1,0 +1,122 @@
+// Router: the entry point for creating contexts.
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "bindings.hpp"
+
+namespace mitogen::python {
+namespace {
+
+/// local() blocks until the child has booted. It runs on a helper thread so the
+/// caller can wait interruptibly (Ctrl-C during a slow bootstrap must work).
+struct pending_local {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  bool abandoned = false;  // the caller gave up (KeyboardInterrupt)
+  std::optional<mitogen::context> ctx;
+  std::exception_ptr err;
+};
+
+mitogen::context start_local(const std::shared_ptr<mitogen::router>& r, mitogen::local_options opts) {
+  // Checked here as well as in local(): a stopped broker's thread id may be reused
+  // by our helper thread, and local() would then think it runs on the broker thread.
+  if (r->is_shut_down() || r->get_broker()->shutting_down())
+    throw mitogen::stream_error(make_error_code(mitogen::errc::broker_shut_down),
+                                "mitogen: the router has been shut down");
+  auto st = std::make_shared<pending_local>();
+  std::thread([st, r, opts = std::move(opts)] {
+    std::optional<mitogen::context> c;
+    std::exception_ptr e;
+    try {
+      c = mitogen::local(*r, opts);
+    } catch (...) {
+      e = std::current_exception();
+    }
+    std::lock_guard lk(st->mu);
+    if (st->abandoned) {
+      if (c) c->shutdown(false);  // nobody will ever hold it: do not leave it running
+      return;
+    }
+    st->ctx = std::move(c);
+    st->err = e;
+    st->done = true;
+    st->cv.notify_all();
+  }).detach();
+
+  try {
+    wait_until(
+        [&](std::chrono::milliseconds slice) {
+          std::unique_lock lk(st->mu);
+          return st->cv.wait_for(lk, slice, [&] { return st->done; });
+        },
+        std::nullopt);
+  } catch (...) {
+    std::lock_guard lk(st->mu);
+    st->abandoned = true;
+    if (st->ctx) st->ctx->shutdown(false);
+    throw;
+  }
+  if (st->err) std::rethrow_exception(st->err);
+  return std::move(*st->ctx);
+}
+
+}  // namespace
+
+void register_router(py::module_& m) {
+  py::class_<py_router, std::shared_ptr<py_router>>(m, "Router", py::dynamic_attr(),
+                                                    "Routes messages between this program and its contexts.")
+      .def(py::init([](py::object broker) {
+             if (!py::isinstance<py_broker>(broker)) throw py::type_error("Router(broker): broker must be a Broker");
+             auto& pb = broker.cast<py_broker&>();
+             auto pr = std::make_shared<py_router>();
+             pr->r = mitogen::router::create(pb.b);
+             pr->broker = std::move(broker);
+             pr->r->set_log_sink(&push_context_log);
+             pr->contexts = std::make_shared<router_contexts>();
+             pr->contexts->r = pr->r;
+             std::lock_guard lk(pb.mu);
+             pb.routers.push_back(pr->contexts);
+             return pr;
+           }),
+           py::arg("broker"))
+      .def_property_readonly("broker", [](py_router& self) { return self.broker; })
+      .def_property(
+          "debug", [](py_router& self) { return self.debug; }, [](py_router& self, bool on) { self.debug = on; },
+          "Default of local(debug=...).")
+      .def_property_readonly(
+          "context_id", [](py_router& self) { return self.r->context_id(); }, "This program's context id (0).")
+      .def(
+          "_local",
+          [](py::object self, std::optional<std::string> remote_name, std::vector<std::string> python_path,
+             bool debug, double connect_timeout, std::optional<std::string> name, int log_level) {
+            auto& pr = self.cast<py_router&>();
+            mitogen::local_options o;
+            o.python_path = std::move(python_path);
+            o.remote_name = std::move(remote_name);
+            o.debug = debug;
+            o.log_level = log_level;
+            o.connect_timeout = std::chrono::milliseconds(static_cast<long>(connect_timeout * 1000));
+            mitogen::context c = start_local(pr.r, std::move(o));
+            pr.contexts->add(c.id());
+            if (name) c = mitogen::context(c.get_router(), c.id(), *name);
+            return make_context(std::move(c), self);
+          },
+          py::arg("remote_name"), py::arg("python_path"), py::arg("debug"), py::arg("connect_timeout"),
+          py::arg("name"), py::arg("log_level"), "Start a local context (see mitogen_native.master.Router.local).")
+      .def(
+          "context_by_id",
+          [](py::object self, std::uint32_t id, std::optional<std::string> name) {
+            auto& pr = self.cast<py_router&>();
+            return make_context(mitogen::context(pr.r, id, name ? *name : pr.r->name_of(id)), self);
+          },
+          py::arg("context_id"), py::arg("name") = py::none(), "A Context for a known context id.")
+      .def(
+          "shutdown",
+          [](py_router& self) { graceful_shutdown({self.contexts}, [r = self.r] { r->shutdown(); }); },
+          "Ask this router's contexts to exit, then (once they have, or after half a second) close their "
+          "streams and release its waiting callers. The broker keeps running. Does not block.");
+}
+
+}  // namespace mitogen::python

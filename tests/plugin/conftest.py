@@ -1,0 +1,61 @@
+import os
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Contexts inherit our environment: let them import remote_helpers, and let
+# subprocess-based tests import mitogen_native from wherever this run found it.
+import mitogen_native  # noqa: E402  (after sys.path is final)
+_paths = [HERE, os.path.dirname(os.path.dirname(os.path.abspath(mitogen_native.__file__)))]
+os.environ['PYTHONPATH'] = os.pathsep.join(
+    _paths + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import mitogen_native.master  # noqa: E402
+
+
+@pytest.fixture
+def broker():
+    b = mitogen_native.master.Broker()
+    yield b
+    b.shutdown()
+    b.join()
+
+
+@pytest.fixture
+def router(broker):
+    return mitogen_native.master.Router(broker)
+
+
+@pytest.fixture(scope='module')
+def shared_router():
+    b = mitogen_native.master.Broker()
+    yield mitogen_native.master.Router(b)
+    b.shutdown()
+    b.join()
+
+
+@pytest.fixture(scope='module')
+def context(shared_router):
+    """One context shared by a module's tests that do not break it."""
+    return shared_router.local(remote_name='pytest-shared')
+
+
+def pid_alive(pid):
+    """True if `pid` exists and is not a zombie."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+def run_script(code, timeout=30, **kwargs):
+    """Run `code` with /usr/bin/python3 (or whatever runs the tests) in a fresh
+    process; returns the CompletedProcess (text mode)."""
+    import subprocess
+    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

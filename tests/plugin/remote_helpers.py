@@ -1,0 +1,76 @@
+"""Functions the tests call inside contexts. Children import this module by name:
+conftest.py puts this directory on the PYTHONPATH they inherit."""
+import logging
+import os
+import sys
+import time
+
+
+def echo(*args, **kwargs):
+    return args, kwargs
+
+
+def identity(value):
+    return value
+
+
+def add(a, b):
+    return a + b
+
+
+def type_names(*args):
+    """What the child received, by exact type name (to check conversions)."""
+    return [type(a).__name__ for a in args]
+
+
+def raise_value_error(text):
+    raise ValueError(text)
+
+
+def return_set():
+    return {1, 2, 3}
+
+
+def return_object():
+    return object()
+
+
+def sleep(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def getpid():
+    return os.getpid()
+
+
+def cmdline():
+    with open('/proc/self/cmdline', 'rb') as f:
+        return f.read()
+
+
+def write_file(path, *_):
+    with open(path, 'w') as f:
+        f.write('ran')
+
+
+def say(text):
+    print(text)
+    sys.stdout.flush()
+
+
+def warn(text):
+    logging.getLogger('remote_helpers').warning('%s', text)
+
+
+class Calculator(object):
+    @classmethod
+    def double(cls, n):
+        return 2 * n
+
+    @staticmethod
+    def triple(n):
+        return 3 * n
+
+    def instance_method(self):
+        return 'nope'
