@@ -28,6 +28,7 @@ import os
 import select
 import sys
 import time
+import zlib          # already loaded by stage 1
 import _thread
 from _struct import Struct   # struct.py only re-exports _struct
 
@@ -540,12 +541,15 @@ def _write_boot_error(text):
 # Inbound messages: leader/follower reading.
 #
 # Whichever thread needs a message becomes the reader ("leader") if nobody
-# else is reading; it reads frames and delivers each to the slot waiting for
-# its handle, until it reads one for itself. Other waiters sleep on their
-# slot's lock and are woken either with a message or to take over reading.
-# The main thread's slot receives CALL_FUNCTION and SHUTDOWN. In the common
-# case (main thread idle, nobody else waiting) a message costs one read()
-# and a few uncontended lock operations.
+# else is reading; it reads frames and delivers each one, until its own slot
+# has something. Other waiters sleep on their slot's lock and are woken either
+# with a message or to take over reading. So a thread that waits (the main
+# thread importing a module inside a call, say) never depends on another
+# thread to read for it. The main thread's slot receives CALL_FUNCTION and
+# SHUTDOWN; reply handles get slots of their own; a few handles (LOAD_MODULE)
+# have handlers that the reading thread runs itself. In the common case (main
+# thread idle, nobody else waiting) a message costs one read() and a few
+# uncontended lock operations.
 
 class _Slot(object):
     __slots__ = ('queue', 'wake', 'sleeping')
@@ -567,20 +571,28 @@ class _Inbox(object):
         self._end = 0
         self._lock = _thread.allocate_lock()   # guards everything below
         self._reading = False      # a leader exists
-        self._sleepers = 0         # slots with sleeping == True
+        self._leader = None        # its thread ident
+        self._sleeping = []        # slots whose thread sleeps, oldest first
         self.main = _Slot()
-        self._slots = {}           # handle -> _Slot, for replies (issue 4+)
+        self._slots = {}           # handle -> _Slot, for replies
+        self._handlers = {}        # handle -> fn(msg), run by the reader
         self._next_handle = FIRST_DYNAMIC_HANDLE
 
-    # -- slots ---------------------------------------------------------------
+    # -- slots and handlers --------------------------------------------------
+
+    def new_handle(self):
+        """A fresh handle for replies addressed to this context."""
+        with self._lock:
+            handle = self._next_handle
+            self._next_handle += 1
+        return handle
 
     def open_slot(self):
         """Allocate a reply handle and its slot. Open it *before* sending the
         request, so that the reply cannot arrive before anyone expects it."""
         slot = _Slot()
+        handle = self.new_handle()
         with self._lock:
-            handle = self._next_handle
-            self._next_handle += 1
             self._slots[handle] = slot
         return handle, slot
 
@@ -589,8 +601,33 @@ class _Inbox(object):
         with self._lock:
             self._slots.pop(handle, None)
 
+    def add_handler(self, handle, fn):
+        """Have whichever thread is reading call fn(msg) for each message to
+        `handle`. fn must be quick and must never wait for a message (nor
+        import anything that is not available locally): the reader is busy
+        running it."""
+        with self._lock:
+            self._handlers[handle] = fn
+
+    def del_handler(self, handle):
+        with self._lock:
+            self._handlers.pop(handle, None)
+
+    def deliver(self, slot, item):
+        """Queue `item` (a Message, or any marker) for the thread waiting on
+        `slot` and wake it. Any thread, handlers included."""
+        with self._lock:
+            slot.queue.append(item)
+            if slot.sleeping:
+                self._wake(slot)
+
+    def is_reader(self):
+        """True if the calling thread is the one reading frames right now
+        (then it must not wait for a message: nobody else would read it)."""
+        return self._reading and self._leader == _thread.get_ident()
+
     def wait(self, slot):
-        """Return the next message delivered to `slot`, reading if needed."""
+        """Return the next item delivered to `slot`, reading if needed."""
         while True:
             with self._lock:
                 if slot.queue:
@@ -598,15 +635,18 @@ class _Inbox(object):
                 lead = not self._reading
                 if lead:
                     self._reading = True
+                    self._leader = _thread.get_ident()
                 else:
                     slot.sleeping = True
-                    self._sleepers += 1
+                    self._sleeping.append(slot)
             if not lead:
                 slot.wake.acquire()
                 continue
             try:
-                while self._route(self.read_frame()) is not slot:
-                    pass
+                # Appends happen under the lock, but reading the list's length
+                # without it is safe; the loop above re-checks with the lock.
+                while not slot.queue:
+                    self._route(self.read_frame())
             finally:
                 self._step_down()
 
@@ -614,20 +654,18 @@ class _Inbox(object):
         # Hand the reader role to a sleeping waiter, if any.
         with self._lock:
             self._reading = False
-            if self._sleepers:
-                for other in [self.main] + list(self._slots.values()):
-                    if other.sleeping:
-                        self._wake(other)
-                        break
+            self._leader = None
+            if self._sleeping:
+                self._wake(self._sleeping[0])
 
     def _wake(self, slot):
         # Called with self._lock held.
         slot.sleeping = False
-        self._sleepers -= 1
+        self._sleeping.remove(slot)
         slot.wake.release()
 
     def _route(self, msg):
-        """Deliver `msg` to its slot; return the slot, or None if refused."""
+        """Deliver `msg` to its slot or handler, or refuse it."""
         if msg.dst_id != context_id:
             return self._refuse(msg, 'no route to context %d' % msg.dst_id)
         handle = msg.handle
@@ -640,8 +678,15 @@ class _Inbox(object):
                 slot.queue.append(msg)
                 if slot.sleeping:
                     self._wake(slot)
-                return slot
-        return self._refuse(msg, 'no handler for handle %d' % handle)
+                return
+            fn = self._handlers.get(handle)
+        if fn is None:
+            return self._refuse(msg, 'no handler for handle %d' % handle)
+        try:
+            fn(msg)
+        except Exception as e:   # a handler bug must not kill the reader
+            _log(ERROR, 'handler for handle %d failed: %s', handle,
+                 _format_exception(e))
 
     def _refuse(self, msg, reason):
         if msg.is_dead:
@@ -652,7 +697,6 @@ class _Inbox(object):
                   reply_to=IS_DEAD)
         else:
             _log(WARNING, 'dropped %r: %s', msg, reason)
-        return None
 
     # -- framing -------------------------------------------------------------
 
@@ -711,6 +755,257 @@ _inbox = None
 
 
 # ---------------------------------------------------------------------------
+# Importing modules from the parent (GET_MODULE / LOAD_MODULE, protocol.md).
+#
+# The finder sits at the end of sys.meta_path, so it is asked only after the
+# normal machinery failed: standard library and locally installed modules are
+# never fetched. It asks the parent with GET_MODULE and waits for LOAD_MODULE
+# through the inbox, so the waiting thread reads frames itself if nobody else
+# does (the main thread importing inside a call cannot deadlock). Answers,
+# negative ones included, are cached for the life of the process, as they
+# arrive: the parent pushes a module's related modules before the module
+# itself, and those are served from the cache without another round trip.
+#
+# The cache keeps each answer's payload exactly as received, so that a future
+# intermediary (via=) can answer its children's GET_MODULE from it without
+# re-encoding: see _Importer.request() and cached().
+
+# Names never worth a round trip: Python 2 or Windows-only modules that stdlib
+# code probes for inside try/except ImportError. Matched on the top-level
+# name only (upstream's list matches prefixes, which hides 'orgparse' too).
+_NEVER_FETCH = frozenset([
+    '__builtin__', 'cStringIO', 'thread', 'org', 'java', 'msvcrt', 'nt',
+    '_winapi', '_winreg', 'winreg', '_overlapped', '_msi', 'winsound',
+])
+
+
+def _is_str_list(value):
+    return (type(value) in (list, tuple) and
+            all(type(item) is str for item in value))
+
+
+def _check_module_tuple(tup):
+    """Validate a LOAD_MODULE payload:
+    (fullname, pkg_present, path, compressed, related)."""
+    if not (type(tup) is tuple and len(tup) == 5 and type(tup[0]) is str):
+        raise StreamError('bad LOAD_MODULE payload: expected a 5-tuple '
+                          'starting with the module name')
+    name, present, path, compressed, related = tup
+    if not ((present is None or _is_str_list(present)) and
+            (path is None or type(path) is str) and
+            (compressed is None or isinstance(compressed, bytes)) and
+            _is_str_list(related) and
+            ((path is None) == (compressed is None))):
+        raise StreamError('bad LOAD_MODULE payload for %r: wrong field types',
+                          name)
+
+
+def _negative(fullname):
+    return (fullname, None, None, None, ())
+
+
+class _Importer(object):
+    """A sys.meta_path finder and loader for modules served by the parent."""
+
+    def __init__(self, inbox, whitelist=(), blacklist=()):
+        self._inbox = inbox
+        self._lock = _thread.allocate_lock()   # guards _cache and _pending
+        self._cache = {}      # fullname -> (tuple, payload bytes or None)
+        self._pending = {}    # fullname -> (reply handle, [callbacks])
+        self._present = {}    # package we loaded -> its submodule names
+        # Upstream semantics: prefixes of the dotted name; an empty whitelist
+        # allows everything.
+        self.whitelist = list(whitelist) or ['']
+        self.blacklist = list(blacklist)
+        inbox.add_handler(LOAD_MODULE, self._on_load_module)
+
+    def __repr__(self):
+        return 'mitogen.core._Importer'
+
+    # -- cache and requests (any thread) --------------------------------------
+
+    def cached(self, fullname):
+        """(tuple, payload) for `fullname` if it is cached, else None. The
+        payload is the LOAD_MODULE message data as received (None for an
+        answer synthesised here), ready to forward to a child as is."""
+        return self._cache.get(fullname)
+
+    def request(self, fullname, callback):
+        """Make sure `fullname` gets cached, then call callback(). The
+        callback runs at once if it already is, else in the reading thread
+        when the answer arrives, so it must be quick and never wait. Only one
+        GET_MODULE per name is ever in flight."""
+        with self._lock:
+            if fullname in self._cache:
+                send = None
+            else:
+                pending = self._pending.get(fullname)
+                if pending is not None:
+                    pending[1].append(callback)
+                    return
+                send = self._inbox.new_handle()
+                self._pending[fullname] = (send, [callback])
+                # A dead message on this handle means nobody up there serves
+                # modules (a master without a responder): a negative answer.
+                self._inbox.add_handler(
+                    send, lambda msg: self._on_reply(fullname, msg))
+        if send is None:
+            callback()
+            return
+        if _debug_fd is not None:
+            _debug_log(DEBUG, 'requesting module %s' % (fullname,))
+        # reply_to is ours, not upstream's: upstream masters ignore it and
+        # answer on LOAD_MODULE; a router with no GET_MODULE handler answers
+        # it with a dead message, so a missing responder cannot hang us.
+        _send(parent_id, GET_MODULE, fullname.encode('utf-8'), reply_to=send)
+
+    def get(self, fullname):
+        """The answer for `fullname`, asking the parent if needed (blocks)."""
+        entry = self._cache.get(fullname)
+        if entry is not None:
+            return entry[0]
+        if self._inbox.is_reader():
+            # Only a message handler could get here (it runs on the reading
+            # thread); waiting would wait for ourselves.
+            raise ImportError('cannot fetch %r from inside a message handler'
+                              % (fullname,))
+        slot = _Slot()
+        self.request(fullname, lambda: self._inbox.deliver(slot, None))
+        self._inbox.wait(slot)
+        return self._cache[fullname][0]
+
+    def _store(self, tup, payload):
+        fullname = tup[0]
+        with self._lock:
+            self._cache[fullname] = (tup, payload)
+            pending = self._pending.pop(fullname, None)
+        if pending is not None:
+            self._inbox.del_handler(pending[0])
+            for callback in pending[1]:
+                callback()
+
+    # -- handlers (the reading thread) ----------------------------------------
+
+    def _on_load_module(self, msg):
+        if msg.is_dead:
+            return
+        if msg.auth_id != parent_id and msg.auth_id not in parent_ids:
+            _log(WARNING, 'dropped LOAD_MODULE from context %d: not a '
+                 'parent', msg.auth_id)
+            return
+        tup = None
+        try:
+            tup = _decode(msg.data)
+            _check_module_tuple(tup)
+        except Exception as e:
+            _log(ERROR, 'refused LOAD_MODULE: %s', e)
+            if type(tup) is tuple and tup and type(tup[0]) is str:
+                self._store(_negative(tup[0]), None)   # release its waiters
+            return
+        if _debug_fd is not None:
+            _debug_log(DEBUG, 'received module %s (%s)' % (
+                tup[0], 'absent' if tup[2] is None else tup[2]))
+        self._store(tup, msg.data)
+
+    def _on_reply(self, fullname, msg):
+        if msg.is_dead:
+            _log(DEBUG, 'GET_MODULE %s refused: %s', fullname,
+                 msg.data.decode('utf-8', 'replace'))
+            self._store(_negative(fullname), None)
+
+    # -- finder and loader (importlib) ---------------------------------------
+
+    def _refused(self, fullname):
+        top = fullname.partition('.')[0]
+        return (top in _NEVER_FETCH or
+                not any(fullname.startswith(s) for s in self.whitelist) or
+                any(fullname.startswith(s) for s in self.blacklist))
+
+    def find_spec(self, fullname, path=None, target=None):
+        pkgname, _, leaf = fullname.rpartition('.')
+        if pkgname:
+            # Only submodules of packages we loaded, and only those the
+            # parent listed: anything else is answered without a round trip.
+            if leaf not in self._present.get(pkgname, ()):
+                return None
+            pkg = sys.modules.get(pkgname)
+            if getattr(getattr(pkg, '__spec__', None), 'loader',
+                       None) is not self:
+                return None
+        if self._refused(fullname):
+            return None
+        tup = self.get(fullname)
+        if tup[2] is None:
+            return None   # importlib raises ModuleNotFoundError as usual
+        spec = _module_spec()(fullname, self, origin='master:' + tup[2],
+                              is_package=tup[1] is not None)
+        if tup[1] is not None:
+            self._present[fullname] = tup[1]
+        return spec
+
+    def create_module(self, spec):
+        return None   # the default module object
+
+    def exec_module(self, module):
+        spec = module.__spec__
+        source = zlib.decompress(self._cache[spec.name][0][3])
+        module.__file__ = spec.origin
+        exec(compile(source, spec.origin, 'exec', 0, True), module.__dict__)
+
+    def is_package(self, fullname):
+        entry = self._cache.get(fullname)
+        return entry is not None and entry[0][1] is not None
+
+    def get_source(self, fullname):
+        """Source text, so that linecache shows it in tracebacks."""
+        entry = self._cache.get(fullname)
+        if entry is None or entry[0][3] is None:
+            raise ImportError('no source for %r' % (fullname,))
+        return zlib.decompress(entry[0][3]).decode('utf-8', 'replace')
+
+    def import_main(self):
+        """Load the master's main script as __main__ and return it.
+
+        As upstream: the master serves its script under the name __main__,
+        cut just before its `if __name__ == '__main__':` block, so that the
+        script's functions exist here while its main program does not run.
+        The module replaces the bootstrap's own __main__ in sys.modules.
+        """
+        spec = self.find_spec('__main__')
+        if spec is None:
+            raise ModuleNotFoundError("No module named '__main__': the "
+                                      'master serves no main script',
+                                      name='__main__')
+        module = _bootstrap_module().module_from_spec(spec)
+        sys.modules['__main__'] = module
+        try:
+            self.exec_module(module)
+        except BaseException:
+            sys.modules['__main__'] = _stage1_main
+            raise
+        return module
+
+
+def _bootstrap_module():
+    # importlib's core is always loaded in CPython, as _frozen_importlib;
+    # importing importlib.machinery would cost a few milliseconds more.
+    try:
+        import _frozen_importlib
+        return _frozen_importlib
+    except ImportError:
+        import importlib._bootstrap
+        return importlib._bootstrap
+
+
+def _module_spec():
+    return _bootstrap_module().ModuleSpec
+
+
+_importer = None
+_stage1_main = None   # the `python -c` module, until __main__ is fetched
+
+
+# ---------------------------------------------------------------------------
 # Calls.
 
 class Dispatcher(object):
@@ -731,9 +1026,12 @@ class Dispatcher(object):
 
 def _resolve(module, class_name, function):
     mod = sys.modules.get(module)
-    if mod is None:
-        __import__(module)
-        mod = sys.modules[module]
+    if mod is None or mod is _stage1_main:
+        if module == '__main__':   # the master's script, fetched once
+            mod = _importer.import_main()
+        else:
+            __import__(module)
+            mod = sys.modules[module]
     obj = getattr(mod, class_name) if class_name else mod
     return getattr(obj, function)
 
@@ -1027,7 +1325,7 @@ def _bootstrap():
     """Entry point, called by stage 1 with the protocol on fds 0 and 1 and the
     master's boot-time stderr pipe on fd 2. Never returns."""
     global context_id, parent_id, parent_ids, _log_level, _debug_fd
-    global _inbox, _out_fd
+    global _inbox, _out_fd, _importer, _stage1_main
     boot_stderr = os.dup(2)
     try:
         in_fd, out_fd = _private_dup(0), _private_dup(1)
@@ -1067,6 +1365,12 @@ def _bootstrap():
         sys.argv = ['mitogen:%s' % (remote_name,)]
 
         _redirect_stdio()
+        # Modules missing here are fetched from the parent; upstream's config
+        # keys give the allow and deny prefixes (checked again up there).
+        _importer = _Importer(_inbox, config.get('whitelist') or (),
+                              config.get('blacklist') or ())
+        sys.meta_path.append(_importer)
+        _stage1_main = sys.modules.get('__main__')
         if 'logging' in sys.modules:
             _install_log_handler(sys.modules['logging'])
         else:

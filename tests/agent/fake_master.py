@@ -5,6 +5,12 @@ It starts an agent exactly as the C++ master does (argv[0] 'mitogen:<name>',
 socketpair or two pipes, stderr on a pipe), feeds it the compressed agent and
 the BOOTSTRAP frame, and then speaks frames. It is a test harness: it uses
 CPython's pickle, restricted on the decoding side to the wire types.
+
+GET_MODULE requests are answered while the master waits for other frames:
+from `modules` (see serve_module()) with LOAD_MODULE, or, for names it does
+not serve, with a negative LOAD_MODULE. With `modules` left as None the
+master behaves like one without a module responder: it answers the request's
+reply handle with a dead message, as the C++ router does.
 """
 
 import io
@@ -26,9 +32,11 @@ PYTHON = os.environ.get('MITOGEN_AGENT_PYTHON', '/usr/bin/python3')
 HEADER = struct.Struct('>hLLLLLL')
 MAGIC = 0x4d49
 BOOTSTRAP = 0
+GET_MODULE = 100
 CALL_FUNCTION = 101
 FORWARD_LOG = 102
 SHUTDOWN = 106
+LOAD_MODULE = 107
 IS_DEAD = 999
 
 
@@ -157,17 +165,22 @@ class Message(object):
 class FakeMaster(object):
     """One child context. `logs` collects FORWARD_LOG records as
     (logger_name, levelno, message) tuples. `early_frames` are written right
-    after the BOOTSTRAP frame, without waiting for MITO001."""
+    after the BOOTSTRAP frame, without waiting for MITO001. `config_extra`
+    adds keys to the BOOTSTRAP config."""
 
     def __init__(self, name='test', context_id=1, debug=False, log_level=20,
                  env=None, use_pipes=False, max_message_size=128 * 1024 * 1024,
-                 cwd=None, early_frames=b''):
+                 cwd=None, early_frames=b'', config_extra=None):
         self.context_id = context_id
         self.logs = []
         self.stderr_data = b''
         self._next_handle = 1000
         self._buf = b''
         self._pending = []   # frames read while waiting for another handle
+        self.modules = None        # fullname -> LOAD_MODULE tuple
+        self.related = {}          # fullname -> names to push before it
+        self.module_requests = []  # GET_MODULE messages, in order
+        self.answer_modules = True  # False: leave GET_MODULE to the test
         preamble = compressed_agent()
         args = ['mitogen:%s' % name, '-c', stage1_source(len(preamble))]
         if use_pipes:
@@ -200,6 +213,7 @@ class FakeMaster(object):
             'log_level': log_level,
             'max_message_size': max_message_size,
         }
+        config.update(config_extra or {})
         self.write(preamble)
         self.send(BOOTSTRAP, encode(config))
         self.write(early_frames)   # frames queued before MITO001 arrives
@@ -263,6 +277,9 @@ class FakeMaster(object):
             msg = self.recv_frame(timeout)
             if msg.handle == FORWARD_LOG:
                 self._store_log(msg)
+            elif msg.handle == GET_MODULE and self.answer_modules and \
+                    handle != GET_MODULE:
+                self._answer_get_module(msg)
             elif handle is None or msg.handle == handle:
                 return msg
             else:
@@ -280,8 +297,50 @@ class FakeMaster(object):
                 if predicate(rec):
                     return rec
             msg = self.recv_frame(max(0, deadline - time.monotonic()))
+            if msg.handle == GET_MODULE and self.answer_modules:
+                self._answer_get_module(msg)
+                continue
             assert msg.handle == FORWARD_LOG, 'unexpected %r' % (msg,)
             self._store_log(msg)
+
+    # -- modules --
+
+    def serve_module(self, fullname, source, submodules=None,
+                     path=None, related=()):
+        """Serve `source` (text) as `fullname`: a package if `submodules`
+        (a list of names) is given. `related` names are pushed, if served,
+        before the module itself, as a real master does."""
+        if self.modules is None:
+            self.modules = {}
+        path = path or '/fake/%s.py' % fullname.replace('.', '/')
+        self.modules[fullname] = (
+            fullname, submodules, path,
+            Blob(zlib.compress(source.encode('utf-8'))), list(related))
+        self.related[fullname] = list(related)
+
+    def load_module_payload(self, fullname):
+        tup = (self.modules or {}).get(fullname)
+        return encode(tup or (fullname, None, None, None, ()))
+
+    def send_load_module(self, fullname, payload=None):
+        """Send one LOAD_MODULE (the served tuple, or a negative one)."""
+        self.send(LOAD_MODULE, payload or self.load_module_payload(fullname))
+
+    def _answer_get_module(self, msg):
+        self.module_requests.append(msg)
+        fullname = msg.data.decode('utf-8')
+        if self.modules is None:
+            if msg.reply_to:
+                self.send(msg.reply_to, b'no GET_MODULE handler',
+                          reply_to=IS_DEAD, dst_id=msg.src_id)
+            return
+        for name in self.related.get(fullname, ()):
+            if name in self.modules:
+                self.send_load_module(name)
+        self.send_load_module(fullname)
+
+    def requested_names(self):
+        return [m.data.decode('utf-8') for m in self.module_requests]
 
     # -- calls --
 
