@@ -414,20 +414,25 @@ void router::shutdown_on_broker(std::function<void()> done) {
     if (finished) done();
     return;
   }
+  std::vector<std::pair<std::uint32_t, std::shared_ptr<stream>>> targets;
   std::vector<std::shared_ptr<stream>> streams;
   {
     std::shared_lock lk(routes_mu_);
-    for (auto& [id, e] : routes_) streams.push_back(e.s);
+    for (auto& [id, e] : routes_) {
+      targets.emplace_back(id, e.s);
+      streams.push_back(e.s);
+    }
   }
   {
     std::lock_guard lk(gone_mu_);
     shutdown_done_ = std::move(done);
   }
-  for (auto& s : streams) {
+  for (auto& [id, s] : targets) {
     wire::message m;
+    m.dst_id = id;
     m.handle = wire::SHUTDOWN;
     m.src_id = m.auth_id = my_id_;
-    s->send(m);
+    s->send(std::move(m));
   }
   // Keep reading while the children flush their last output and exit (their EOF
   // closes each stream); hang up on whoever is still there after the grace period.

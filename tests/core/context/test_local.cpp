@@ -232,10 +232,11 @@ TEST_CASE("an interpreter that dies during bootstrap reports its stderr", "[loca
 }
 
 TEST_CASE("child output and logging reach the log sink", "[local]") {
-  rig t;
+  // Declared before the rig: the sink may still run while the rig shuts down.
   std::mutex mu;
   std::condition_variable cv;
   std::vector<std::string> lines;
+  rig t;
   t.r->set_log_sink([&](std::uint32_t, const std::string&, const std::string& logger, int, const std::string& text) {
     std::lock_guard lk(mu);
     lines.push_back(logger + ":" + text);

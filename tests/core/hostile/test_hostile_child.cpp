@@ -174,8 +174,8 @@ TEST_CASE("ADD_ROUTE from a child is refused", "[hostile]") {
 
 TEST_CASE("a flood of FORWARD_LOG is rate limited, memory bounded, logged once", "[hostile]") {
   log_capture logs;
+  std::atomic<long> delivered{0};  // before the rig: the sink may run during its shutdown
   rig t;
-  std::atomic<long> delivered{0};
   t.r->set_log_sink([&](std::uint32_t, const std::string&, const std::string&, int, const std::string&) { delivered++; });
   long before = rss_kib();
   auto h = t.hostile("log_flood");

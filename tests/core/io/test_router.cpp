@@ -119,10 +119,11 @@ TEST_CASE("a message to an unknown handle gets a dead reply", "[router]") {
 }
 
 TEST_CASE("forwarded log records reach the sink", "[router]") {
-  rig t;
+  // Declared before the rig: the sink may still run while the rig shuts down.
   std::mutex mu;
   std::condition_variable cv;
   std::vector<std::tuple<std::string, int, std::string>> got;
+  rig t;
   t.r->set_log_sink([&](std::uint32_t, const std::string&, const std::string& logger, int level, const std::string& text) {
     std::lock_guard lk(mu);
     got.emplace_back(logger, level, text);
