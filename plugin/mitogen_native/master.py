@@ -1,9 +1,28 @@
 """The controlling program's side: :class:`Broker` and :class:`Router`."""
 import logging
+import os
 import sys
+import sysconfig
 
 from mitogen_native import _native
 from mitogen_native import core
+
+
+def _module_search_path():
+    """What contexts may import from this program: sys.path without the standard
+    library (each context has its own), and the main script (served as
+    ``__main__`` up to its ``if __name__ == '__main__':`` guard)."""
+    stdlib = set(os.path.realpath(sysconfig.get_paths()[k])
+                 for k in ('stdlib', 'platstdlib'))
+
+    def served(p):
+        r = os.path.realpath(p or '.')
+        return os.path.isdir(r) and not any(
+            r == s or r.startswith(s + os.sep) for s in stdlib)
+
+    search_path = [os.path.abspath(p or '.') for p in sys.path if served(p)]
+    main_file = getattr(sys.modules.get('__main__'), '__file__', None)
+    return search_path, main_file and os.path.abspath(main_file)
 
 
 class Broker(_native.Broker):
@@ -32,6 +51,7 @@ class Router(_native.Router):
             broker = Broker()
         _native.Router.__init__(self, broker)
         core._log_pump.start()
+        self._serve_modules(*_module_search_path(), [], [])
 
     def local(self, remote_name=None, python_path=None, debug=None,
               connect_timeout=None, name=None, via=None, **kwargs):

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "mitogen/mitogen.hpp"
+#include "mitogen/services/module_responder.hpp"
 
 namespace py = pybind11;
 
@@ -58,6 +59,8 @@ struct py_router {
   py::object broker;
   std::shared_ptr<router_contexts> contexts;
   bool debug = false;  ///< default of local(debug=...), set by enable_debug()
+  /// Serves the controller's modules to this router's contexts (GET_MODULE).
+  std::shared_ptr<mitogen::module_responder> responder;
 };
 
 /// Python's Context: a core context plus the Python Router it belongs to, which is

@@ -112,10 +112,6 @@ void describe_fn(PyObject* fn, mitogen::call_spec& spec) {
   auto qual = text_attr(fn, n.qualname).value_or(*name);
   if (qual.find("<locals>") != std::string::npos)
     cannot_call(fn, "functions defined inside functions are not reachable from module scope");
-  if (*mod == "__main__")
-    cannot_call(fn,
-                "it lives in __main__, and contexts cannot import the controller's __main__ yet "
-                "(module forwarding is not available); move it to an importable module");
   // A plain function found through its class (a staticmethod): module.Class.function.
   auto dot = qual.find('.');
   if (dot != std::string::npos) {

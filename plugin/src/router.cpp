@@ -106,6 +106,17 @@ void register_router(py::module_& m) {
           py::arg("remote_name"), py::arg("python_path"), py::arg("debug"), py::arg("connect_timeout"),
           py::arg("name"), py::arg("log_level"), "Start a local context (see mitogen_native.master.Router.local).")
       .def(
+          "_serve_modules",
+          [](py_router& self, std::vector<std::string> search_path, std::optional<std::string> main_script,
+             std::vector<std::string> allow, std::vector<std::string> deny) {
+            self.responder = mitogen::module_responder::create(
+                self.r, {.search_path = std::move(search_path), .main_script = std::move(main_script),
+                         .allow = std::move(allow), .deny = std::move(deny)});
+          },
+          py::arg("search_path"), py::arg("main_script"), py::arg("allow"), py::arg("deny"),
+          "Answer contexts' imports of modules they lack from these directories (see "
+          "mitogen_native.master.Router).")
+      .def(
           "context_by_id",
           [](py::object self, std::uint32_t id, std::optional<std::string> name) {
             auto& pr = self.cast<py_router&>();
