@@ -16,6 +16,10 @@ class category final : public std::error_category {
       case errc::broker_shut_down: return "the broker was shut down";
       case errc::no_route: return "no route to the context";
       case errc::timed_out: return "timed out";
+      case errc::auth_failed: return "authentication failed";
+      case errc::host_key_mismatch: return "host key mismatch";
+      case errc::host_key_unknown: return "host key not known";
+      case errc::host_unreachable: return "host unreachable";
     }
     return "unknown mitogen error";
   }

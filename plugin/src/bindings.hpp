@@ -17,7 +17,6 @@
 #include <vector>
 
 #include "mitogen/mitogen.hpp"
-#include "mitogen/services/module_responder.hpp"
 
 namespace py = pybind11;
 

@@ -17,6 +17,10 @@ enum class errc {
   broker_shut_down,    ///< the broker (or router) was shut down
   no_route,            ///< no stream leads to the destination context
   timed_out,           ///< a call's deadline passed
+  auth_failed,         ///< the server refused every credential offered (SSH)
+  host_key_mismatch,   ///< the server's host key differs from the known one (SSH)
+  host_key_unknown,    ///< the host is not in known_hosts and the policy is enforce (SSH)
+  host_unreachable,    ///< the host could not be resolved or connected to (SSH)
 };
 
 /// The "mitogen" error category.

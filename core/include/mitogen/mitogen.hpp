@@ -2,9 +2,11 @@
 /// Umbrella header: the public C++ API.
 #include "mitogen/context/context.hpp"
 #include "mitogen/context/local.hpp"
+#include "mitogen/context/ssh.hpp"
 #include "mitogen/errors.hpp"
 #include "mitogen/io/broker.hpp"
 #include "mitogen/io/stream.hpp"
+#include "mitogen/services/module_responder.hpp"
 #include "mitogen/routing/receiver.hpp"
 #include "mitogen/routing/router.hpp"
 #include "mitogen/wire/constants.hpp"

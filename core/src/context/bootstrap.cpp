@@ -1,5 +1,11 @@
 #include "bootstrap.hpp"
 
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <spdlog/spdlog.h>
+
+#include "mitogen/errors.hpp"
 #include "mitogen/wire/constants.hpp"
 #include "mitogen/wire/frame.hpp"
 #include "mitogen/wire/pickle.hpp"
@@ -19,6 +25,35 @@ std::string stage1_command() {
   auto pos = s.find(token);
   if (pos != std::string::npos) s.replace(pos, token.size(), std::to_string(agent_z_len));
   return s;
+}
+
+std::string base64(std::string_view in, bool pad) {
+  static constexpr char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  std::size_t i = 0;
+  auto u = [&](std::size_t k) { return static_cast<unsigned>(static_cast<unsigned char>(in[k])); };
+  for (; i + 2 < in.size(); i += 3) {
+    unsigned v = u(i) << 16 | u(i + 1) << 8 | u(i + 2);
+    out += tab[v >> 18];
+    out += tab[(v >> 12) & 63];
+    out += tab[(v >> 6) & 63];
+    out += tab[v & 63];
+  }
+  if (i < in.size()) {
+    unsigned v = u(i) << 16 | (i + 1 < in.size() ? u(i + 1) << 8 : 0);
+    out += tab[v >> 18];
+    out += tab[(v >> 12) & 63];
+    if (i + 1 < in.size()) out += tab[(v >> 6) & 63];
+    if (pad) out.append(i + 1 < in.size() ? 1 : 2, '=');
+  }
+  return out;
+}
+
+std::string stage1_oneliner() {
+  // The login shell parses this, so it carries the source as base64: no newlines,
+  // no single quotes, nothing the shell would expand inside '...'.
+  return "import base64;exec(base64.b64decode(\"" + base64(stage1_command()) + "\"))";
 }
 
 std::string preamble(const agent_config& cfg) {
@@ -62,6 +97,176 @@ marker_scanner::event marker_scanner::scan(std::string_view data, std::size_t& c
   tail_.clear();
   consumed = pos + marker.size();
   return state_++ == 0 ? event::stage1_ready : event::agent_ready;
+}
+
+// --- boot_state -------------------------------------------------------------
+
+void boot_state::finish(bool success, std::error_code e, std::string w) {
+  {
+    std::lock_guard lk(mu);
+    if (done) return;
+    done = true;
+    ok = success;
+    ec = e;
+    why = std::move(w);
+  }
+  cv.notify_all();
+}
+
+void boot_state::set_phase(std::string p) {
+  std::lock_guard lk(mu);
+  phase = std::move(p);
+}
+
+void boot_state::set_note(std::string n) {
+  std::lock_guard lk(mu);
+  note = std::move(n);
+}
+
+void boot_state::add_stderr(std::string_view bytes) {
+  std::lock_guard lk(mu);
+  if (stderr_text.size() < 16384) stderr_text.append(bytes.substr(0, 16384 - stderr_text.size()));
+}
+
+void boot_state::stderr_closed() {
+  {
+    std::lock_guard lk(mu);
+    stderr_eof = true;
+  }
+  cv.notify_all();
+}
+
+// --- stderr -------------------------------------------------------------------
+
+void stderr_sink::feed(std::string_view bytes) {
+  if (closed_) return;
+  boot_->add_stderr(bytes);
+  line_.append(bytes);
+  std::size_t pos;
+  while ((pos = line_.find('\n')) != std::string::npos) {
+    spdlog::warn("[{}] stderr: {}", name_, line_.substr(0, pos));
+    line_.erase(0, pos + 1);
+  }
+}
+
+void stderr_sink::close() {
+  if (closed_) return;
+  closed_ = true;
+  if (!line_.empty()) spdlog::warn("[{}] stderr: {}", name_, line_);
+  line_.clear();
+  boot_->stderr_closed();
+}
+
+namespace {
+
+struct stderr_reader : std::enable_shared_from_this<stderr_reader> {
+  boost::asio::posix::stream_descriptor d;
+  stderr_sink sink;
+  char buf[4096];
+  stderr_reader(boost::asio::io_context& io, int fd, std::shared_ptr<boot_state> b, std::string n)
+      : d(io, fd), sink(std::move(b), std::move(n)) {}
+  void start() {
+    d.async_read_some(boost::asio::buffer(buf),
+                      [self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
+                        if (ec) {
+                          self->sink.close();
+                          return;
+                        }
+                        self->sink.feed({self->buf, n});
+                        self->start();
+                      });
+  }
+};
+
+}  // namespace
+
+void start_stderr_reader(boost::asio::io_context& io, int fd, std::shared_ptr<boot_state> boot, std::string name) {
+  auto rd = std::make_shared<stderr_reader>(io, fd, std::move(boot), std::move(name));
+  boost::asio::post(io, [rd] { rd->start(); });
+}
+
+void check_can_connect(router& r, const char* method) {
+  auto& b = r.get_broker();
+  if (b->on_broker_thread())
+    throw error(std::string("mitogen: ") + method + "() must not be called on the broker thread");
+  if (r.is_shut_down() || b->shutting_down())
+    throw stream_error(make_error_code(errc::broker_shut_down), "mitogen: the router has been shut down");
+}
+
+// --- run_bootstrap --------------------------------------------------------------
+
+context run_bootstrap(router& r, boot_request req) {
+  auto b = r.get_broker();
+  const connect_options& o = *req.opts;
+  auto boot = req.boot;
+  auto s = req.s;
+  const std::uint32_t id = req.id;
+
+  if (req.teardown) r.add_teardown(id, std::move(req.teardown));
+  r.add_route(id, req.name, s);
+  // Fails the bootstrap when the stream dies before MITO001.
+  const std::uint32_t watch = r.add_handler(
+      [boot](wire::message&& m) { boot->finish(false, make_error_code(errc::child_died), m.data); },
+      {.handle = 0, .persist = false, .respondent = id});
+
+  agent_config cfg{id, {r.context_id()}, req.remote_name, o.debug, o.log_level, o.max_message_size};
+  auto scanner = std::make_shared<marker_scanner>();
+  std::weak_ptr<stream> weak_s = s;
+  s->start([scanner, cfg, weak_s, boot](std::string_view data, bool& framed) -> std::size_t {
+    std::size_t total = 0;
+    for (;;) {
+      std::size_t used = 0;
+      auto ev = scanner->scan(data.substr(total), used);
+      total += used;
+      if (ev == marker_scanner::event::none) return total;
+      if (ev == marker_scanner::event::stage1_ready) {
+        if (auto s = weak_s.lock()) s->send_raw(preamble(cfg));
+        continue;
+      }
+      framed = true;
+      boot->finish(true);
+      return total;
+    }
+  });
+
+  auto timer = std::make_shared<boost::asio::steady_timer>(b->io());
+  b->defer([timer, boot, timeout = o.connect_timeout] {
+    timer->expires_after(timeout);
+    timer->async_wait([boot](const boost::system::error_code& ec) {
+      if (!ec) boot->finish(false, make_error_code(errc::connect_timeout), "connect timeout");
+    });
+  });
+
+  std::unique_lock lk(boot->mu);
+  boot->cv.wait(lk, [&] { return boot->done; });
+  if (boot->ok) {
+    lk.unlock();
+    b->defer([timer] { timer->cancel(); });
+    r.del_handler(watch);
+    return context(r.shared_from_this(), id, req.name);
+  }
+  lk.unlock();
+  // Stop the scanner before reading its noise (it runs on the broker thread).
+  b->defer_sync([&] { s->close(boot->ec, "bootstrap failed"); });
+  lk.lock();
+  // Give the last words on stderr a moment to arrive: they say what went wrong.
+  boot->cv.wait_for(lk, std::chrono::milliseconds(300), [&] { return boot->stderr_eof; });
+  std::string msg = "mitogen: context '" + req.name + "' failed to start: ";
+  if (boot->ec == errc::connect_timeout) {
+    msg += "no bootstrap within " + std::to_string(o.connect_timeout.count()) + " ms";
+    if (!boot->phase.empty()) msg += " (while " + boot->phase + ")";
+  } else {
+    msg += boot->why;
+  }
+  auto ec = boot->ec;
+  if (req.classify) ec = req.classify(ec, boot->stderr_text);
+  if (!boot->note.empty()) msg += "; " + boot->note;
+  if (!boot->stderr_text.empty()) msg += "; stderr: " + boot->stderr_text;
+  if (!scanner->noise().empty()) msg += "; stdout: " + scanner->noise();
+  lk.unlock();
+  b->defer([timer] { timer->cancel(); });
+  r.del_handler(watch);
+  throw stream_error(ec, msg);
 }
 
 }  // namespace mitogen::detail
