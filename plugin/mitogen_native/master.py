@@ -93,6 +93,45 @@ class Router(_native.Router):
         return self._local(remote_name, python_path, bool(debug), float(connect_timeout),
                            name, log_level)
 
+    def ssh(self, hostname, port=None, username=None, password=None,
+            identity_file=None, check_host_keys='enforce', known_hosts_file=None,
+            connect_timeout=None, keepalive_interval=None, python_path=None,
+            remote_name=None, transport='libssh2', ssh_path=None, ssh_args=None,
+            ssh_config_file=None, debug=None, name=None, via=None):
+        """Start a context on another host over SSH and return it once its agent
+        has booted. The SSH client runs inside this process (libssh2) unless
+        ``transport='openssh'``; see docs/ssh.md for every option.
+
+        :param identity_file: a key file or a list of them (default: ~/.ssh/config's
+            IdentityFile, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa).
+        :param check_host_keys: ``'enforce'`` (default), ``'accept'`` (record unknown
+            keys) or ``'ignore'``.
+        :param python_path: remote interpreter (str or list); default: the first of
+            python3, /usr/bin/python3, python found there.
+        :raises mitogen_native.core.StreamError: authentication failed, the host key
+            was refused (the message shows its fingerprint), the host is unreachable,
+            or the agent did not start within ``connect_timeout`` seconds.
+        """
+        if via is not None:
+            raise NotImplementedError(
+                'via= (contexts started through other contexts) is not available yet')
+        if isinstance(identity_file, str):
+            identity_file = [identity_file]
+        if isinstance(python_path, str):
+            python_path = [python_path]
+        if debug is None:
+            debug = self.debug
+        log_level = logging.DEBUG if (
+            debug or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
+        return self._ssh(dict(
+            hostname=hostname, port=port, username=username, password=password,
+            identity_files=identity_file, check_host_keys=check_host_keys,
+            known_hosts_file=known_hosts_file, connect_timeout=connect_timeout,
+            keepalive_interval=keepalive_interval, python_path=python_path,
+            remote_name=remote_name, transport=transport, ssh_path=ssh_path,
+            ssh_args=ssh_args, ssh_config_file=ssh_config_file, debug=bool(debug),
+            log_level=log_level, name=name))
+
     def enable_debug(self):
         """Turn on debug logs: this program's go to ``/tmp/mitogen.<pid>.log``, and
         every context started afterwards writes its own to

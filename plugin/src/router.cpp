@@ -19,18 +19,20 @@ struct pending_local {
   std::exception_ptr err;
 };
 
-mitogen::context start_local(const std::shared_ptr<mitogen::router>& r, mitogen::local_options opts) {
+/// Run a connection method (local(), ssh()) on a helper thread and wait for it
+/// interruptibly.
+mitogen::context start_context(const std::shared_ptr<mitogen::router>& r, std::function<mitogen::context()> connect) {
   // Checked here as well as in local(): a stopped broker's thread id may be reused
   // by our helper thread, and local() would then think it runs on the broker thread.
   if (r->is_shut_down() || r->get_broker()->shutting_down())
     throw mitogen::stream_error(make_error_code(mitogen::errc::broker_shut_down),
                                 "mitogen: the router has been shut down");
   auto st = std::make_shared<pending_local>();
-  std::thread([st, r, opts = std::move(opts)] {
+  std::thread([st, connect = std::move(connect)] {
     std::optional<mitogen::context> c;
     std::exception_ptr e;
     try {
-      c = mitogen::local(*r, opts);
+      c = connect();
     } catch (...) {
       e = std::current_exception();
     }
@@ -98,13 +100,60 @@ void register_router(py::module_& m) {
             o.debug = debug;
             o.log_level = log_level;
             o.connect_timeout = std::chrono::milliseconds(static_cast<long>(connect_timeout * 1000));
-            mitogen::context c = start_local(pr.r, std::move(o));
+            auto r = pr.r;
+            mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::local(*r, o); });
             pr.contexts->add(c.id());
             if (name) c = mitogen::context(c.get_router(), c.id(), *name);
             return make_context(std::move(c), self);
           },
           py::arg("remote_name"), py::arg("python_path"), py::arg("debug"), py::arg("connect_timeout"),
           py::arg("name"), py::arg("log_level"), "Start a local context (see mitogen_native.master.Router.local).")
+      .def(
+          "_ssh",
+          [](py::object self, py::dict kw) {
+            auto& pr = self.cast<py_router&>();
+            mitogen::ssh_options o;
+            auto get = [&](const char* k) -> py::object { return kw.contains(k) ? py::object(kw[k]) : py::none(); };
+            o.hostname = get("hostname").cast<std::string>();
+            if (auto v = get("port"); !v.is_none()) o.port = v.cast<std::uint16_t>();
+            if (auto v = get("username"); !v.is_none()) o.username = v.cast<std::string>();
+            if (auto v = get("password"); !v.is_none()) o.password = v.cast<std::string>();
+            if (auto v = get("identity_files"); !v.is_none()) o.identity_files = v.cast<std::vector<std::string>>();
+            if (auto v = get("known_hosts_file"); !v.is_none()) o.known_hosts_file = v.cast<std::string>();
+            if (auto v = get("ssh_config_file"); !v.is_none()) o.ssh_config_file = v.cast<std::string>();
+            if (auto v = get("python_path"); !v.is_none()) o.python_path = v.cast<std::vector<std::string>>();
+            if (auto v = get("remote_name"); !v.is_none()) o.remote_name = v.cast<std::string>();
+            if (auto v = get("ssh_path"); !v.is_none()) o.ssh_path = v.cast<std::string>();
+            if (auto v = get("ssh_args"); !v.is_none()) o.ssh_args = v.cast<std::vector<std::string>>();
+            if (auto v = get("connect_timeout"); !v.is_none())
+              o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
+            if (auto v = get("keepalive_interval"); !v.is_none())
+              o.keepalive_interval = std::chrono::seconds(static_cast<long>(v.cast<double>()));
+            o.debug = get("debug").cast<bool>();
+            o.log_level = get("log_level").cast<int>();
+            auto policy = get("check_host_keys").cast<std::string>();
+            if (policy == "enforce")
+              o.check_host_keys = mitogen::host_key_policy::enforce;
+            else if (policy == "accept")
+              o.check_host_keys = mitogen::host_key_policy::accept;
+            else if (policy == "ignore")
+              o.check_host_keys = mitogen::host_key_policy::ignore;
+            else
+              throw py::value_error("check_host_keys must be 'enforce', 'accept' or 'ignore'");
+            auto transport = get("transport").cast<std::string>();
+            if (transport == "libssh2")
+              o.transport = mitogen::ssh_transport::libssh2;
+            else if (transport == "openssh")
+              o.transport = mitogen::ssh_transport::openssh;
+            else
+              throw py::value_error("transport must be 'libssh2' or 'openssh'");
+            auto r = pr.r;
+            mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::ssh(*r, o); });
+            pr.contexts->add(c.id());
+            if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
+            return make_context(std::move(c), self);
+          },
+          py::arg("options"), "Start an SSH context (see mitogen_native.master.Router.ssh).")
       .def(
           "_serve_modules",
           [](py_router& self, std::vector<std::string> search_path, std::optional<std::string> main_script,

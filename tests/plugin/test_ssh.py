@@ -1,0 +1,65 @@
+"""router.ssh() through the Python API, against a throw-away loopback sshd
+(tests/core/ssh/sshd_fixture.py; needs root, as CI has)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import mitogen_native.core
+import mitogen_native.master
+
+FIXTURE = os.path.join(os.path.dirname(__file__), '..', 'core', 'ssh', 'sshd_fixture.py')
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists('/usr/sbin/sshd'),
+    reason='needs root and openssh-server for a loopback sshd')
+
+
+@pytest.fixture(scope='module')
+def sshd():
+    out = subprocess.run([sys.executable, FIXTURE, 'start'], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    info = json.loads(out)
+    yield info
+    subprocess.run([sys.executable, FIXTURE, 'stop', info['dir']], timeout=60)
+
+
+@pytest.fixture
+def router():
+    broker = mitogen_native.master.Broker()
+    yield mitogen_native.master.Router(broker)
+    broker.shutdown()
+    broker.join()
+
+
+def test_key_login_runs_code_as_the_remote_user(sshd, router):
+    import getpass
+    ctx = router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                     identity_file=sshd['identity_file'],
+                     known_hosts_file=sshd['known_hosts'], connect_timeout=20)
+    assert ctx.call(getpass.getuser) == sshd['user']
+    assert ctx.call(os.getpid) != os.getpid()
+
+
+def test_password_login(sshd, router):
+    ctx = router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                     password=sshd['password'], identity_file=[],
+                     known_hosts_file=sshd['known_hosts'], connect_timeout=20)
+    assert ctx.call(os.getuid) != os.getuid()
+
+
+def test_wrong_password_is_refused(sshd, router):
+    with pytest.raises(mitogen_native.core.StreamError):
+        router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                   password='not the password', identity_file=[],
+                   known_hosts_file=sshd['known_hosts'], connect_timeout=20)
+
+
+def test_changed_host_key_is_refused_with_its_fingerprint(sshd, router):
+    with pytest.raises(mitogen_native.core.StreamError) as e:
+        router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                   identity_file=sshd['identity_file'],
+                   known_hosts_file=sshd['wrong_known_hosts'], connect_timeout=20)
+    assert sshd['host_fingerprint'] in str(e.value)
