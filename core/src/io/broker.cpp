@@ -7,7 +7,7 @@
 
 namespace mitogen {
 
-broker::broker() : work_(boost::asio::make_work_guard(io_)) {
+broker::broker() : work_(boost::asio::make_work_guard(*io_)) {
   // A child dying mid-write must give EPIPE, not kill the controller. Python already
   // ignores SIGPIPE; a C++ host that installed its own handler keeps it.
   struct sigaction old {};
@@ -15,14 +15,19 @@ broker::broker() : work_(boost::asio::make_work_guard(io_)) {
   std::mutex mu;
   std::condition_variable cv;
   bool started = false;
-  thread_ = std::thread([&] {
+  thread_ = std::thread([&, this, io = io_, orphaned = orphaned_] {
     {
+      // Notify under the lock: once the constructor sees `started` it returns and
+      // destroys `cv`, which must not still be in use here.
       std::lock_guard lk(mu);
       thread_id_ = std::this_thread::get_id();
       started = true;
+      cv.notify_one();
     }
-    cv.notify_one();
-    run();
+    run(*io);
+    if (*orphaned) return;  // destroyed from a handler: `this` is gone
+    stopped_.store(true);
+    thread_id_.store(std::thread::id());
   });
   // thread_id_ must be visible before anyone asks on_broker_thread().
   std::unique_lock lk(mu);
@@ -30,32 +35,38 @@ broker::broker() : work_(boost::asio::make_work_guard(io_)) {
 }
 
 broker::~broker() {
-  shutdown();
   if (on_broker_thread()) {
-    // The last reference died inside a handler: the thread cannot join itself.
+    // The last reference died inside a handler: the thread cannot join itself, and it
+    // returns into io_->run() after this. Nothing queued may run any more (shutdown's
+    // handlers capture `this`), so stop the loop instead of shutting down; no router
+    // is left to need the hooks (each holds a reference). The thread keeps the
+    // io_context alive until run() unwinds, then destroys what is still queued.
+    *orphaned_ = true;
+    shutting_down_.store(true);
+    stopped_.store(true);
+    io_->stop();
     thread_.detach();
-  } else {
-    join();
+    return;
   }
+  shutdown();
+  join();
 }
 
-void broker::run() {
+void broker::run(boost::asio::io_context& io) {
   for (;;) {
     try {
-      io_.run();
+      io.run();
       break;
     } catch (const std::exception& e) {
       // A handler threw: a bug, but the broker must keep serving everyone else.
       spdlog::error("mitogen: broker handler raised: {}", e.what());
     }
   }
-  stopped_.store(true);
-  thread_id_.store(std::thread::id());
 }
 
 bool broker::defer(std::function<void()> fn) {
   if (stopped_.load()) return false;
-  boost::asio::post(io_, std::move(fn));
+  boost::asio::post(*io_, std::move(fn));
   return true;
 }
 
@@ -89,7 +100,7 @@ bool broker::defer_sync(const std::function<void()>& fn) {
 
 void broker::shutdown() {
   if (shutting_down_.exchange(true)) return;
-  boost::asio::post(io_, [this] { begin_shutdown(); });
+  boost::asio::post(*io_, [this] { begin_shutdown(); });
 }
 
 void broker::begin_shutdown() {
@@ -105,7 +116,7 @@ void broker::begin_shutdown() {
     if (hooks_pending_ > 0) spdlog::warn("mitogen: broker shutdown grace period expired");
     hooks_pending_ = 0;
     work_.reset();
-    io_.stop();
+    io_->stop();
   });
   for (auto& h : hooks) {
     try {
@@ -123,7 +134,7 @@ void broker::hook_done() {
   grace_timer_.cancel();
   work_.reset();
   // Let already-queued handlers (final writes, dead messages) run, then stop.
-  boost::asio::post(io_, [this] { io_.stop(); });
+  boost::asio::post(*io_, [this] { io_->stop(); });
 }
 
 void broker::join() {

@@ -437,9 +437,13 @@ void router::shutdown_on_broker(std::function<void()> done) {
   // Keep reading while the children flush their last output and exit (their EOF
   // closes each stream); hang up on whoever is still there after the grace period.
   if (!streams.empty()) {
+    // Weak references: a stream holds the broker, whose io_context holds this pending
+    // wait, so strong ones would leak all three when the broker stops before it fires.
     auto timer = std::make_shared<boost::asio::steady_timer>(broker_->io(), shutdown_grace);
-    timer->async_wait([timer, streams](const boost::system::error_code&) {
-      for (auto& s : streams) s->close(make_error_code(errc::broker_shut_down), "shutdown grace period ended");
+    std::vector<std::weak_ptr<stream>> weak(streams.begin(), streams.end());
+    timer->async_wait([timer, weak = std::move(weak)](const boost::system::error_code&) {
+      for (auto& w : weak)
+        if (auto s = w.lock()) s->close(make_error_code(errc::broker_shut_down), "shutdown grace period ended");
     });
   }
   // Release callers that wait on no particular context.

@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <thread>
 
@@ -147,11 +148,13 @@ TEST_CASE("broker shutdown releases callers and sends SHUTDOWN", "[router]") {
   m.reply_to = rx->handle();
   t.r->route(m);
   t.child.recv();
-  std::thread waiter([&] { CHECK(rx->get(5s).is_dead()); });
+  std::atomic<bool> released_dead{false};  // checked below: Catch2 is not thread-safe
+  std::thread waiter([&] { released_dead = rx->get(5s).is_dead(); });
   t.b->shutdown();
   auto sd = t.child.recv();
   CHECK(sd.handle == wire::SHUTDOWN);
   waiter.join();
+  CHECK(released_dead.load());
   t.b->join();
   // A receiver created afterwards is dead at once.
   auto late = t.r->make_receiver(std::nullopt, false);

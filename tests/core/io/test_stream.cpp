@@ -135,6 +135,9 @@ TEST_CASE("sends from many threads arrive intact", "[stream]") {
   s->start();
   constexpr int threads = 8, per = 500;
   std::atomic<int> received{0};
+  // Catch2 assertions are not thread-safe: threads record, the test thread checks.
+  std::atomic<bool> in_order{true};
+  std::atomic<int> refused{0};
   std::thread reader([&] {
     wire::frame_parser fp;
     std::vector<std::uint8_t> buf(65536);
@@ -153,15 +156,18 @@ TEST_CASE("sends from many threads arrive intact", "[stream]") {
         received++;
       }
     }
-    CHECK(ordered);
+    in_order = ordered;
   });
   std::vector<std::thread> ts;
   for (int t = 0; t < threads; ++t)
     ts.emplace_back([&, t] {
-      for (int i = 0; i < per; ++i) REQUIRE(s->send(msg(2000 + t, std::to_string(i) + std::string(i % 300, 'p'))));
+      for (int i = 0; i < per; ++i)
+        if (!s->send(msg(2000 + t, std::to_string(i) + std::string(i % 300, 'p')))) refused++;
     });
   for (auto& t : ts) t.join();
   reader.join();
+  CHECK(in_order.load());
+  CHECK(refused.load() == 0);
   CHECK(received.load() == threads * per);
   s->close(make_error_code(errc::broker_shut_down), "done");
   ::close(p.fd[1]);
@@ -201,8 +207,10 @@ TEST_CASE("the queue drains as the peer reads", "[stream]") {
   auto s = stream::create(b, p.fd[0], p.fd[0], {.name = "t", .max_queued_bytes = 128 * 1024});
   s->start();
   constexpr int N = 200;
+  std::atomic<int> refused{0};  // checked by this thread: Catch2 is not thread-safe
   std::thread t([&] {
-    for (int i = 0; i < N; ++i) REQUIRE(s->send(msg(1000, std::string(32 * 1024, 'c'))));
+    for (int i = 0; i < N; ++i)
+      if (!s->send(msg(1000, std::string(32 * 1024, 'c')))) refused++;
   });
   std::size_t total = 0, want = N * (26 + 32 * 1024);
   std::vector<char> buf(1 << 16);
@@ -212,6 +220,7 @@ TEST_CASE("the queue drains as the peer reads", "[stream]") {
     total += static_cast<std::size_t>(n);
   }
   t.join();
+  CHECK(refused.load() == 0);
   CHECK(total == want);
   s->close(make_error_code(errc::broker_shut_down), "done");
   ::close(p.fd[1]);
@@ -253,5 +262,7 @@ TEST_CASE("raw phase hands over to framing mid-buffer", "[stream]") {
   CHECK(k.msgs[0].handle == 1234);
   CHECK(k.msgs[0].data == "after");
   s->close(make_error_code(errc::broker_shut_down), "done");
+  // close() from this thread runs on the broker later; `k` and `seen` must outlive it.
+  REQUIRE(k.wait_gone());
   ::close(p.fd[1]);
 }

@@ -20,7 +20,8 @@ namespace mitogen {
 
 /// Owns the I/O thread. Create with std::make_shared; any thread may call any
 /// public method. Destroying the last reference shuts it down and joins the thread
-/// (unless destroyed on its own thread, where it detaches). The first broker sets
+/// (unless destroyed on its own thread: then the loop stops without running what is
+/// still queued, and the thread exits on its own). The first broker sets
 /// SIGPIPE to SIG_IGN if it was SIG_DFL, so a dead child's pipe gives EPIPE.
 class broker : public std::enable_shared_from_this<broker> {
  public:
@@ -30,7 +31,7 @@ class broker : public std::enable_shared_from_this<broker> {
   broker& operator=(const broker&) = delete;
 
   /// The io_context the broker thread runs. Post to it only via defer().
-  boost::asio::io_context& io() noexcept { return io_; }
+  boost::asio::io_context& io() noexcept { return *io_; }
 
   /// Run `fn` on the broker thread, soon. Returns false (and drops `fn`) once the
   /// broker has stopped.
@@ -66,11 +67,16 @@ class broker : public std::enable_shared_from_this<broker> {
   static constexpr std::chrono::milliseconds shutdown_grace{3000};
 
  private:
-  void run();
+  static void run(boost::asio::io_context& io);
   void begin_shutdown();  // broker thread
   void hook_done();       // broker thread
 
-  boost::asio::io_context io_;
+  /// Shared with the thread: when the last reference dies inside a handler, the
+  /// io_context must outlive this object until run() unwinds.
+  std::shared_ptr<boost::asio::io_context> io_ = std::make_shared<boost::asio::io_context>();
+  /// Set (on the broker thread) by a destructor running there: the thread must not
+  /// touch `this` once run() returns.
+  std::shared_ptr<bool> orphaned_ = std::make_shared<bool>(false);
   boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work_;
   std::thread thread_;
   /// Cleared when the thread ends: thread ids are reused, and an unrelated thread
@@ -83,7 +89,7 @@ class broker : public std::enable_shared_from_this<broker> {
   std::vector<std::pair<std::uint64_t, shutdown_hook>> hooks_;
   std::uint64_t next_hook_id_ = 1;
   std::size_t hooks_pending_ = 0;      // broker thread only
-  boost::asio::steady_timer grace_timer_{io_};
+  boost::asio::steady_timer grace_timer_{*io_};
 
   std::mutex join_mu_;
 };
