@@ -1,0 +1,14 @@
+// libFuzzer target: detail::marker_scanner (the bootstrap handshake). See docs/fuzzing.md.
+#include <cstdio>
+#include <cstdlib>
+
+#include "fuzz_checks.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  std::string failed = mitogen_fuzz::check_bootstrap({data, size});
+  if (!failed.empty()) {
+    std::fprintf(stderr, "fuzz_bootstrap: property violated: %s\n", failed.c_str());
+    std::abort();
+  }
+  return 0;
+}

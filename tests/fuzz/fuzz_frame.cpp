@@ -1,0 +1,14 @@
+// libFuzzer target: wire::frame_parser. See docs/fuzzing.md.
+#include <cstdio>
+#include <cstdlib>
+
+#include "fuzz_checks.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  std::string failed = mitogen_fuzz::check_frame({data, size});
+  if (!failed.empty()) {
+    std::fprintf(stderr, "fuzz_frame: property violated: %s\n", failed.c_str());
+    std::abort();
+  }
+  return 0;
+}
