@@ -1,5 +1,7 @@
 // bench_core: latency and start-up figures of the C++ API on local contexts.
 // Usage: bench_core [iterations]   (prints a table; see docs/benchmarks.md)
+#include <malloc.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -29,6 +31,13 @@ stats summarize(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   int iters = argc > 1 ? std::atoi(argv[1]) : 20000;
+  // The same allocator tuning the Python package applies at import (see
+  // docs/benchmarks.md): large buffers are reused instead of being mapped and
+  // faulted in afresh for every message.
+  if (!std::getenv("MITOGEN_NO_MALLOC_TUNING")) {
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, 64 << 20);
+  }
   auto b = std::make_shared<broker>();
   auto r = router::create(b);
 
