@@ -208,32 +208,24 @@ void stream::do_read() {
 }
 
 void stream::handle_input(std::size_t n) {
-  std::span<const std::uint8_t> in(reinterpret_cast<const std::uint8_t*>(rbuf_.data()), n);
-  if (raw_) {
-    raw_pending_.append(rbuf_.data(), n);
-    bool framed = false;
-    std::size_t used = raw_(raw_pending_, framed);
-    if (closed()) return;
-    raw_pending_.erase(0, used);
-    if (!framed) return;
-    raw_ = nullptr;
-    // What followed the marker is already frames: parse it from raw_pending_.
-    std::string rest;
-    rest.swap(raw_pending_);
-    std::span<const std::uint8_t> r(reinterpret_cast<const std::uint8_t*>(rest.data()), rest.size());
-    while (!r.empty()) {
-      wire::message m;
-      auto st = parser_.parse(r, m);
-      if (st == wire::frame_parser::status::bad) {
-        close_on_broker(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
-        return;
-      }
-      if (st == wire::frame_parser::status::need_more) break;
-      if (on_message_) on_message_(std::move(m));
-      if (closed()) return;
-    }
+  if (!raw_) {
+    parse_frames({reinterpret_cast<const std::uint8_t*>(rbuf_.data()), n});
     return;
   }
+  raw_pending_.append(rbuf_.data(), n);
+  bool framed = false;
+  std::size_t used = raw_(raw_pending_, framed);
+  if (closed()) return;
+  raw_pending_.erase(0, used);
+  if (!framed) return;
+  raw_ = nullptr;
+  // What followed the marker is already frames.
+  std::string rest;
+  rest.swap(raw_pending_);
+  parse_frames({reinterpret_cast<const std::uint8_t*>(rest.data()), rest.size()});
+}
+
+void stream::parse_frames(std::span<const std::uint8_t> in) {
   while (!in.empty()) {
     wire::message m;
     auto st = parser_.parse(in, m);

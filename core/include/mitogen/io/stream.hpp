@@ -9,6 +9,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -84,6 +85,7 @@ class stream : public std::enable_shared_from_this<stream> {
   bool write_some_locked(); // with wmu_ held; false on fatal error
   void do_read();
   void handle_input(std::size_t n);
+  void parse_frames(std::span<const std::uint8_t> in);  // broker thread
   void close_on_broker(std::error_code reason, std::string detail);
 
   std::shared_ptr<broker> broker_;
