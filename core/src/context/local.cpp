@@ -20,7 +20,9 @@ std::vector<std::string> python_argv(const connect_options& o) {
 
 std::string default_remote_name() {
   std::string user = "unknown";
-  if (auto* pw = ::getpwuid(::getuid())) user = pw->pw_name;
+  passwd pwd{}, *pw = nullptr;
+  char buf[4096];  // getpwuid_r: contexts may be started from many threads at once
+  if (::getpwuid_r(::getuid(), &pwd, buf, sizeof buf, &pw) == 0 && pw) user = pw->pw_name;
   char host[256] = {};
   ::gethostname(host, sizeof host - 1);
   return user + "@" + host + ":" + std::to_string(::getpid());

@@ -51,7 +51,11 @@ struct local_identity {
 
 local_identity whoami() {
   local_identity me;
-  if (auto* pw = ::getpwuid(::getuid())) {
+  // getpwuid_r: ssh() may run on many threads at once (TSan caught getpwuid's
+  // shared static buffer).
+  passwd pwd{}, *pw = nullptr;
+  char buf[4096];
+  if (::getpwuid_r(::getuid(), &pwd, buf, sizeof buf, &pw) == 0 && pw) {
     me.user = pw->pw_name;
     me.home = pw->pw_dir ? pw->pw_dir : "";
   }
