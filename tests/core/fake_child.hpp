@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "mitogen/routing/router.hpp"
+#include "router_rig.hpp"
 #include "mitogen/wire/frame.hpp"
 
 namespace mitogen::test {
@@ -39,9 +40,7 @@ struct fake_child {
 };
 
 /// A router with one fake child attached as context `id`.
-struct rig {
-  std::shared_ptr<broker> b = std::make_shared<broker>();
-  std::shared_ptr<router> r = router::create(b);
+struct rig : router_rig {
   fake_child child;
   std::shared_ptr<stream> s;
   std::uint32_t id = 0;
@@ -56,6 +55,7 @@ struct rig {
     s->start();
   }
   ~rig() {
+    // Shut down before closing our end, as router_rig's destructor runs after this.
     b->shutdown();
     b->join();
     if (child.fd >= 0) ::close(child.fd);

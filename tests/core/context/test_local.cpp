@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "mitogen/mitogen.hpp"
+#include "router_rig.hpp"
 
 using namespace mitogen;
 using namespace std::chrono_literals;
@@ -17,14 +18,7 @@ using clk = std::chrono::steady_clock;
 
 namespace {
 
-struct rig {
-  std::shared_ptr<broker> b = std::make_shared<broker>();
-  std::shared_ptr<router> r = router::create(b);
-  ~rig() {
-    b->shutdown();
-    b->join();
-  }
-};
+using rig = test::router_rig;
 
 call_spec getpid_call() { return {.module = "os", .function = "getpid"}; }
 

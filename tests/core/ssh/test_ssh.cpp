@@ -14,6 +14,7 @@
 
 #include "mitogen/mitogen.hpp"
 #include "sshd.hpp"
+#include "router_rig.hpp"
 
 using namespace mitogen;
 using namespace std::chrono_literals;
@@ -21,14 +22,7 @@ using clk = std::chrono::steady_clock;
 
 namespace {
 
-struct rig {
-  std::shared_ptr<broker> b = std::make_shared<broker>();
-  std::shared_ptr<router> r = router::create(b);
-  ~rig() {
-    b->shutdown();
-    b->join();
-  }
-};
+using rig = test::router_rig;
 
 call_spec getpid_call() { return {.module = "os", .function = "getpid"}; }
 call_spec getuser_call() { return {.module = "getpass", .function = "getuser"}; }
