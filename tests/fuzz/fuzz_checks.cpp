@@ -241,8 +241,12 @@ std::string check_bootstrap(std::span<const std::uint8_t> data) {
         stage1_at = dropped + total;
         continue;
       }
-      if (!stage1) return "agent_ready before stage1_ready";
-      if (agent++) return "agent_ready twice";
+      if (ev == scanner::event::agent_ready) {
+        if (!stage1) return "agent_ready before stage1_ready";
+        if (agent++) return "agent_ready twice";
+        continue;
+      }
+      if (!agent) return "framed before agent_ready";
       framed = true;
       break;
     }
@@ -253,16 +257,26 @@ std::string check_bootstrap(std::span<const std::uint8_t> data) {
   if (framed) {
     std::size_t again = 1;
     if (sc.scan("MITO000\nMITO001\n", again) != scanner::event::none || again != 0)
-      return "scanner still scanning after agent_ready";
+      return "scanner still scanning after it handed over to frames";
   }
 
   if ((p0 != std::string_view::npos) != (stage1 == 1)) return "stage1_ready where the stream has no MITO000, or missed";
   if (stage1 && stage1_at != p0 + 8) return "stage1_ready at the wrong offset";
   if ((p1 != std::string_view::npos) != (agent == 1)) return "agent_ready where the stream has no MITO001, or missed";
   if (agent) {
-    // The frame parser gets what the stream still holds plus everything not yet read.
-    std::string rest = pending + stream.substr(fed);
-    if (rest != stream.substr(p1 + 8)) return "bytes after MITO001 not left for the frame parser";
+    // After MITO001: an optional "MITO002\n" (upstream's second marker), then frames.
+    static constexpr std::string_view ec2 = "MITO002\n";
+    const std::string_view after = sv.substr(p1 + 8);
+    const bool undecided = after.size() < ec2.size() && ec2.substr(0, after.size()) == after;
+    if (undecided) {
+      if (framed) return "handed over to frames before it could tell MITO002 from a frame";
+    } else {
+      if (!framed) return "bytes after MITO001 never handed to the frame parser";
+      const std::size_t start = p1 + 8 + (after.substr(0, ec2.size()) == ec2 ? ec2.size() : 0);
+      // The frame parser gets what the stream still holds plus everything not yet read.
+      std::string rest = pending + stream.substr(fed);
+      if (rest != stream.substr(start)) return "frames do not start right after MITO001 / MITO002";
+    }
   }
   return {};
 }

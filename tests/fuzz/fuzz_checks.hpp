@@ -24,7 +24,8 @@ std::string check_pickle(std::span<const std::uint8_t> data);
 /// detail::marker_scanner, driven as local() drives it: it never consumes more than it
 /// is given, never reports agent_ready before stage1_ready nor either twice, finds the
 /// markers exactly where a plain search of the whole stream does, whatever the
-/// chunking, and leaves exactly the bytes after MITO001 for the frame parser.
+/// chunking, and leaves exactly the bytes after MITO001 (and an upstream child's
+/// "MITO002\n", if one follows) for the frame parser.
 /// Input: byte 0 seeds the chunking, the rest is the child's stdout.
 std::string check_bootstrap(std::span<const std::uint8_t> data);
 

@@ -69,6 +69,9 @@ def bootstraps(fr):
         'noise': seed_b + b'banner from .profile\nMITO00 MITO000MITO000\n' + b'x' * 300 + b'MITO001\n' + framed,
         'split': seed_a + b'MITO0' + b'00\n' + b'MITO00' + b'1\n',
         'out-of-order': seed_b + b'MITO001\nMITO000\nMITO000\nMITO001\nMITO001\n' + framed,
+        # Upstream Mitogen's core says MITO002 once its ExternalContext is up.
+        'upstream-ec2': seed_b + b'MITO000\nMITO001\nMITO002\n' + framed,
+        'ec2-prefix-only': seed_a + b'MITO000\nMITO001\nMITO00',
         'stage1-only': seed_a + b'Python 3.11\nMITO000\nTraceback (most recent call last):\n',
     }
 

@@ -78,8 +78,19 @@ std::string preamble(const agent_config& cfg) {
 
 marker_scanner::event marker_scanner::scan(std::string_view data, std::size_t& consumed) {
   static constexpr std::string_view markers[2] = {"MITO000\n", "MITO001\n"};
+  // Upstream Mitogen's core announces itself once more when its ExternalContext is
+  // up; our agent goes straight to frames. A frame cannot start with these 8 bytes
+  // (its dst_id would be "TO00"), so they are told apart by content.
+  static constexpr std::string_view ec2 = "MITO002\n";
   consumed = 0;
-  if (state_ >= 2) return event::none;
+  if (state_ >= 3) return event::none;
+  if (state_ == 2) {
+    if (data.empty()) return event::none;
+    if (data.size() < ec2.size() && ec2.substr(0, data.size()) == data) return event::none;  // wait for more
+    state_ = 3;
+    if (data.substr(0, ec2.size()) == ec2) consumed = ec2.size();
+    return event::framed;
+  }
   auto marker = markers[state_];
   auto pos = data.find(marker);
   auto keep_noise = [&](std::string_view s) {
@@ -212,7 +223,8 @@ context run_bootstrap(router& r, boot_request req) {
   agent_config cfg{id, {r.context_id()}, req.remote_name, o.debug, o.log_level, o.max_message_size};
   auto scanner = std::make_shared<marker_scanner>();
   std::weak_ptr<stream> weak_s = s;
-  s->start([scanner, cfg, weak_s, boot](std::string_view data, bool& framed) -> std::size_t {
+  s->start([scanner, cfg, weak_s, boot, custom = std::move(req.preamble)](std::string_view data,
+                                                                         bool& framed) -> std::size_t {
     std::size_t total = 0;
     for (;;) {
       std::size_t used = 0;
@@ -220,11 +232,14 @@ context run_bootstrap(router& r, boot_request req) {
       total += used;
       if (ev == marker_scanner::event::none) return total;
       if (ev == marker_scanner::event::stage1_ready) {
-        if (auto s = weak_s.lock()) s->send_raw(preamble(cfg));
+        if (auto s = weak_s.lock()) s->send_raw(custom ? *custom : preamble(cfg));
         continue;
       }
-      framed = true;
-      boot->finish(true);
+      if (ev == marker_scanner::event::agent_ready) {
+        boot->finish(true);
+        continue;
+      }
+      framed = true;  // event::framed: the rest is frames
       return total;
     }
   });

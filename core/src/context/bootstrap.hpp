@@ -10,6 +10,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -51,9 +52,13 @@ std::string preamble(const agent_config& cfg);
 /// Scans a child's stdout during bootstrap for the two markers.
 class marker_scanner {
  public:
-  enum class event { none, stage1_ready, agent_ready };
+  /// stage1_ready: MITO000 seen, send the preamble. agent_ready: MITO001 seen, the
+  /// context is up. framed: the first bytes after MITO001 arrived (an upstream
+  /// child's "MITO002\n" is consumed here), everything from now on is frames.
+  enum class event { none, stage1_ready, agent_ready, framed };
   /// Feed the unconsumed bytes; `consumed` says how many may be dropped. Returns the
-  /// event found (at most one per call; call again with the rest).
+  /// event found (at most one per call; call again with the rest). While only a
+  /// prefix of "MITO002\n" follows MITO001 it consumes nothing and waits for more.
   event scan(std::string_view data, std::size_t& consumed);
   /// Bytes seen before/between the markers (bounded), for error messages.
   std::string noise() const { return noise_ + tail_; }
@@ -127,6 +132,8 @@ struct boot_request {
   /// Optional: refine the error code of a failed start from the stderr text (e.g.
   /// OpenSSH's "Permission denied" becomes auth_failed).
   std::function<std::error_code(std::error_code, const std::string& stderr_text)> classify;
+  /// Optional: what to write after MITO000 instead of preamble(config).
+  std::optional<std::string> preamble;
 };
 
 /// Attach `req.s` to the router as context `req.id`, answer MITO000 with the preamble,

@@ -33,12 +33,23 @@ context local(router& r, const local_options& o) {
   auto b = r.get_broker();
   const std::uint32_t id = r.allocate_id();
   const std::string name = o.remote_name.value_or(default_remote_name());
-  std::vector<std::string> argv = python_argv(o);
-  argv.push_back("-c");
-  argv.push_back(detail::stage1_command());
+  std::vector<std::string> argv;
+  std::optional<std::string> preamble;
+  if (o.boot_with) {
+    auto custom = o.boot_with({id, r.context_id(), name, o.debug, o.log_level, o.max_message_size});
+    argv = std::move(custom.argv);
+    preamble = std::move(custom.preamble);
+    if (argv.empty()) throw stream_error(make_error_code(errc::spawn_failed), "mitogen: boot_with gave no argv");
+  } else {
+    argv = python_argv(o);
+    argv.push_back("-c");
+    argv.push_back(detail::stage1_command());
+  }
 
   detail::spawned child;
-  if (auto ec = detail::spawn_piped(argv, "mitogen:" + name, child))
+  // A custom first stage may need a real argv[0] (upstream's re-executes sys.executable).
+  const std::string argv0 = o.boot_with ? argv.front() : "mitogen:" + name;
+  if (auto ec = detail::spawn_piped(argv, argv0, child))
     throw stream_error(make_error_code(errc::spawn_failed),
                        "mitogen: cannot start " + argv.front() + ": " + ec.message());
 
@@ -51,6 +62,7 @@ context local(router& r, const local_options& o) {
   req.s = stream::create(b, child.stdout_r, child.stdin_w, {.name = name, .max_message_size = o.max_message_size});
   req.boot = boot;
   req.opts = &o;
+  req.preamble = std::move(preamble);
   // Reap the child whenever its stream goes, whatever the reason.
   req.teardown = [b, pid = child.pid](std::function<void()> done) {
     detail::reap_child(b, pid, std::chrono::milliseconds(1000), std::move(done));

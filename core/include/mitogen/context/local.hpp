@@ -2,6 +2,7 @@
 /// Local contexts: a Python subprocess bootstrapped over pipes.
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,8 +28,31 @@ struct connect_options {
   std::uint32_t max_message_size = wire::default_max_message_size;
 };
 
+/// What a custom_boot hook is told about the context being started.
+struct boot_params {
+  std::uint32_t context_id = 0;
+  std::uint32_t parent_id = 0;
+  std::string remote_name;
+  bool debug = false;
+  int log_level = 20;
+  std::uint32_t max_message_size = wire::default_max_message_size;
+};
+
+/// A complete first stage of someone else's making: the argv to spawn and the bytes
+/// to write once it printed MITO000. The child must then print MITO001 and speak the
+/// framed protocol on its stdin/stdout.
+struct custom_boot {
+  std::vector<std::string> argv;
+  std::string preamble;
+};
+
 /// Options of local().
-struct local_options : connect_options {};
+struct local_options : connect_options {
+  /// Conformance testing: start the child with what this returns instead of our
+  /// stage 1 and agent, e.g. upstream Mitogen's own first stage and core.py
+  /// (tests/core/conformance, docs/security.md "Conformance"). python_path is ignored.
+  std::function<custom_boot(const boot_params&)> boot_with;
+};
 
 /// Start a local context and wait for its bootstrap. Any thread except the broker's.
 /// Throws stream_error (spawn_failed, bootstrap_failed, connect_timeout, child_died)
