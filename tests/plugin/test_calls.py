@@ -154,6 +154,21 @@ def test_child_killed_mid_call(router):
         ctx.call(os.getpid)
 
 
+def test_stopped_child_times_out_and_others_keep_working(router):
+    stopped, other = router.local(), router.local()
+    pid = stopped.call(os.getpid)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            stopped.call_async(os.getpid).get(timeout=0.5)
+        assert 0.45 <= time.monotonic() - started < 3
+        assert other.call(os.getpid) not in (pid, os.getpid())
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert stopped.call(os.getpid) == pid
+
+
 def test_context_shutdown(router):
     ctx = router.local()
     pid = ctx.call(os.getpid)

@@ -151,6 +151,31 @@ TEST_CASE("a child SIGKILLed mid-call fails the caller within 1 s", "[local][fau
   CHECK(wait_until([&] { return process_gone(pid); }, 2000ms));
 }
 
+TEST_CASE("a SIGSTOPped child: a call with a timeout fails with timeout_error, others keep working",
+          "[local][fault]") {
+  rig t;
+  context stopped = local(*t.r);
+  context other = local(*t.r);
+  pid_t pid = pid_of(stopped);
+  ::kill(pid, SIGSTOP);
+  auto t0 = clk::now();
+  try {
+    stopped.call(getpid_call(), 500ms);
+    FAIL("a stopped child answered");
+  } catch (const timeout_error& e) {
+    CHECK(std::string(e.what()).find("timed out") != std::string::npos);
+  }
+  auto took = clk::now() - t0;
+  CHECK(took >= 450ms);
+  CHECK(took < 3s);
+  // The stopped child holds up nobody else.
+  CHECK(pid_of(other) != pid);
+  // Resumed, it answers again; the late reply to the abandoned call is dropped.
+  ::kill(pid, SIGCONT);
+  CHECK(pid_of(stopped) == pid);
+  CHECK(other.call({.module = "operator", .function = "neg", .args = {{std::int64_t{3}}}}, 10s).as<std::int64_t>() == -3);
+}
+
 TEST_CASE("broker shutdown with calls in flight releases every caller and leaves no child", "[local][fault]") {
   auto b = std::make_shared<broker>();
   auto r = router::create(b);
