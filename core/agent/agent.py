@@ -1309,8 +1309,71 @@ class _LoggingLoader(object):
 #   locally, and forwards the rest down (another of our subtrees) or up.
 #
 # Intermediaries are not the hot path: forwarding costs a thread hop, and a
-# context that never starts children runs none of this code.
+# context that never starts children runs none of this code. Most of it is
+# even kept as source text (_VIA_SOURCE) and compiled on the first
+# _proxy_connect(): compiling it at every bootstrap would cost every context
+# a few milliseconds of startup for a feature few of them use.
 
+_routes = {}          # descendant context id -> _Child whose stream leads there
+
+
+def _forward_up(msg):
+    """Write `msg` to the parent unchanged (its src_id/auth_id are a
+    descendant's, already verified by _on_child_message)."""
+    frame = _HEADER.pack(HEADER_MAGIC, msg.dst_id, msg.src_id, msg.auth_id,
+                         msg.handle, msg.reply_to, len(msg.data)) + msg.data
+    if not _write_lock.acquire(True, 0.5 if _exiting else -1):
+        os._exit(0)
+    try:
+        _write_rest(_out_fd, frame, 0)
+    except OSError:
+        os._exit(0)   # parent gone
+    finally:
+        _write_lock.release()
+
+
+def _route_away(msg):
+    """A message from the parent for another context: pass it down, or
+    answer it with a dead message if no child leads there."""
+    child = _routes.get(msg.dst_id)
+    if child is None or not child.forward(msg):
+        _inbox._refuse(msg, 'no route to context %d' % msg.dst_id)
+
+
+def _proxy_connect(method, options, context_id=None, name=None):
+    """Start a child context with connection method `method` (a key of
+    _METHODS) and route for it. Called by the master (via=; docs/via.md).
+
+    :param options: dict: the method's options plus python_path,
+        remote_name, connect_timeout (seconds), debug, log_level,
+        max_message_size.
+    :param context_id: the new context's id, allocated by the master; None
+        to take one from an ALLOCATE_ID block.
+    :returns: upstream's reply shape, a dict: ``id`` and ``name`` of the new
+        context and ``msg`` None; or ``id`` None and ``msg`` the error text
+        (``code`` then names the failure: spawn_failed, connect_timeout,
+        child_died).
+    """
+    _load_via()
+    return _connect_child(method, options, context_id, name)
+
+
+_via_lock = _thread.allocate_lock()
+
+
+def _load_via():
+    """Compile the intermediary's code into this module, once."""
+    with _via_lock:
+        if '_connect_child' not in globals():
+            name = '<mitogen.core via>'
+            import linecache   # so that tracebacks show this code
+            linecache.cache[name] = (len(_VIA_SOURCE), None,
+                                     _VIA_SOURCE.splitlines(True), name)
+            exec(compile(_VIA_SOURCE, name, 'exec'), globals())
+
+
+# The rest of the intermediary, compiled by _load_via().
+_VIA_SOURCE = r'''
 # stage1.py, verbatim (tests/agent/test_via.py checks that they match): the
 # first stage of the contexts we start. PREAMBLE_LEN is replaced as the master
 # does.
@@ -1326,7 +1389,6 @@ exec(compile(zlib.decompress(b''.join(p)),'<mitogen.core>','exec'),c.__dict__)
 c._bootstrap()
 """
 
-_routes = {}          # descendant context id -> _Child whose stream leads there
 _children = []        # direct children, alive
 _route_lock = _thread.allocate_lock()   # guards _routes, _children, _Child.ids
 _router_started = False
@@ -1379,29 +1441,6 @@ class _Child(object):
         return self.write(_HEADER.pack(
             HEADER_MAGIC, dst_id, context_id, context_id, handle, reply_to,
             len(data)) + data)
-
-
-def _forward_up(msg):
-    """Write `msg` to the parent unchanged (its src_id/auth_id are a
-    descendant's, already verified by _on_child_message)."""
-    frame = _HEADER.pack(HEADER_MAGIC, msg.dst_id, msg.src_id, msg.auth_id,
-                         msg.handle, msg.reply_to, len(msg.data)) + msg.data
-    if not _write_lock.acquire(True, 0.5 if _exiting else -1):
-        os._exit(0)
-    try:
-        _write_rest(_out_fd, frame, 0)
-    except OSError:
-        os._exit(0)   # parent gone
-    finally:
-        _write_lock.release()
-
-
-def _route_away(msg):
-    """A message from the parent for another context: pass it down, or
-    answer it with a dead message if no child leads there."""
-    child = _routes.get(msg.dst_id)
-    if child is None or not child.forward(msg):
-        _inbox._refuse(msg, 'no route to context %d' % msg.dst_id)
 
 
 def _dead_to_child(child, msg, reason):
@@ -1884,20 +1923,8 @@ def _stop_children():
             pass
 
 
-def _proxy_connect(method, options, context_id=None, name=None):
-    """Start a child context with connection method `method` (a key of
-    _METHODS) and route for it. Called by the master (via=; docs/via.md).
-
-    :param options: dict: the method's options plus python_path,
-        remote_name, connect_timeout (seconds), debug, log_level,
-        max_message_size.
-    :param context_id: the new context's id, allocated by the master; None
-        to take one from an ALLOCATE_ID block.
-    :returns: upstream's reply shape, a dict: ``id`` and ``name`` of the new
-        context and ``msg`` None; or ``id`` None and ``msg`` the error text
-        (``code`` then names the failure: spawn_failed, connect_timeout,
-        child_died, bootstrap_failed).
-    """
+def _connect_child(method, options, context_id, name):
+    # _proxy_connect()'s body (its docstring says what this does).
     options = dict(options or {})
     proc = None
     try:
@@ -1982,6 +2009,7 @@ def _proxy_connect(method, options, context_id=None, name=None):
     _send(parent_id, ADD_ROUTE, ('%d:%s' % (context_id, name)).encode('utf-8'))
     _thread.start_new_thread(_child_reader, (child, bytes(buf)))
     return {'id': context_id, 'name': name, 'msg': None}
+'''
 
 
 # ---------------------------------------------------------------------------
