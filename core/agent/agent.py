@@ -1404,32 +1404,77 @@ class _BootError(Exception):
         self.code = code
 
 
+# Bytes queued for one child above which senders wait (as the master's
+# streams do), so a child that stops reading cannot make us hoard memory.
+_MAX_QUEUED = 16 * 1024 * 1024
+
+
 class _Child(object):
-    """A directly connected child context and the subtree behind it."""
+    """A directly connected child context and the subtree behind it.
+
+    Frames for it are queued and written by a writer thread of its own, so
+    a child that is not reading (busy in a long call) stalls only the
+    traffic to it, never the routing for everyone else."""
 
     def __init__(self, context_id, name, proc, rfd, wfd):
+        import threading
         self.id = context_id
         self.name = name
         self.proc = proc
-        self.rfd = rfd
-        self.wfd = wfd
+        self.rfd = rfd                 # owned by the reader thread
+        self.wfd = wfd                 # owned by the writer thread
         self.ids = set([context_id])   # its subtree, itself included
         self.parents = {}              # descendant id -> the id that started it
         self.sent = {}                 # context id -> module names sent to it
-        self.lock = _thread.allocate_lock()   # one frame at a time
+        self.cond = threading.Condition()   # guards queue, queued, gone
+        self.queue = []
+        self.queued = 0
         self.gone = False
         self.complained = False
+        _thread.start_new_thread(self._writer, ())
 
     def write(self, frame):
-        """Write one whole frame; False if the child is gone."""
-        with self.lock:
+        """Queue one whole frame; False if the child is gone. Waits while
+        more than _MAX_QUEUED bytes are queued."""
+        with self.cond:
+            while self.queued > _MAX_QUEUED and not self.gone:
+                self.cond.wait()
             if self.gone:
                 return False
-            try:
-                _write_rest(self.wfd, frame, 0)
-            except OSError:
-                return False
+            self.queue.append(frame)
+            self.queued += len(frame)
+            self.cond.notify_all()
         return True
+
+    def close(self):
+        """No more writes; the writer thread closes the descriptor."""
+        with self.cond:
+            self.gone = True
+            self.queue = []
+            self.queued = 0
+            self.cond.notify_all()
+
+    def _writer(self):
+        try:
+            while True:
+                with self.cond:
+                    while not self.queue and not self.gone:
+                        self.cond.wait()
+                    if self.gone:
+                        return
+                    frames, self.queue = self.queue, []
+                for frame in frames:
+                    _write_rest(self.wfd, frame, 0)
+                with self.cond:
+                    self.queued -= sum(len(f) for f in frames)
+                    self.cond.notify_all()
+        except OSError:
+            self.close()   # the child is gone; its reader reports it
+        finally:
+            try:
+                os.close(self.wfd)
+            except OSError:
+                pass
 
     def forward(self, msg):
         return self.write(_HEADER.pack(
@@ -1542,8 +1587,7 @@ def _on_del_route(child, msg):
 def _child_gone(child, reason):
     """The child's stream ended: forget its subtree, report every id in it
     upward (DEL_ROUTE) and reap the process."""
-    with child.lock:
-        child.gone = True
+    child.close()
     with _route_lock:
         ids = sorted(child.ids, key=lambda i: i != child.id)
         for ident in ids:
@@ -1551,11 +1595,10 @@ def _child_gone(child, reason):
                 del _routes[ident]
         if child in _children:
             _children.remove(child)
-    for fd in (child.rfd, child.wfd):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    try:
+        os.close(child.rfd)
+    except OSError:
+        pass
     _log(DEBUG, 'context %d (%s) disconnected: %s', child.id, child.name,
          reason)
     for ident in ids:

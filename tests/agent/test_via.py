@@ -151,3 +151,21 @@ def test_unknown_method_and_failed_start_are_reported(master):
                                          'x']}, context_id=7, _timeout=30)
     assert reply['id'] is None and reply['code'] == 'child_died'
     assert 'nope' in reply['msg']
+
+
+def test_a_child_that_is_not_reading_does_not_stall_the_others(master):
+    start_child(master, 5)
+    start_child(master, 6)
+    # 5 sleeps, so it reads nothing: a 4 MiB message for it cannot be written
+    # before it wakes up. Traffic to 6 must flow meanwhile.
+    master.send(CALL_FUNCTION, master.call_payload('time', 'sleep', (4,)),
+                dst_id=5)
+    time.sleep(0.3)
+    h = master.new_handle()
+    master.send(CALL_FUNCTION, master.call_payload(
+        'builtins', 'len', (b'x' * (4 << 20),)), reply_to=h, dst_id=5)
+    t0 = time.monotonic()
+    assert master.result(call_in(master, 6, 'os', 'getppid')) == \
+        master.proc.pid
+    assert time.monotonic() - t0 < 2.0
+    assert master.result(master.recv(30, h)) == 4 << 20
