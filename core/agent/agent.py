@@ -1355,7 +1355,7 @@ def _proxy_connect(method, options, context_id=None, name=None):
         child_died).
     """
     _load_via()
-    return _connect_child(method, options, context_id, name)
+    return globals()['_connect_child'](method, options, context_id, name)
 
 
 _via_lock = _thread.allocate_lock()

@@ -6,10 +6,8 @@ import ast
 import os
 import time
 
-import pytest
-
 import fake_master
-from fake_master import CALL_FUNCTION, GET_MODULE, IS_DEAD, decode, encode
+from fake_master import CALL_FUNCTION, IS_DEAD, encode
 
 ADD_ROUTE = 103
 DEL_ROUTE = 104
