@@ -606,6 +606,7 @@ class _Inbox(object):
         """Forget a reply handle; later messages to it are refused."""
         with self._lock:
             self._slots.pop(handle, None)
+        _respondents.pop(handle, None)   # via= section
 
     def add_handler(self, handle, fn):
         """Have whichever thread is reading call fn(msg) for each message to
@@ -1315,6 +1316,14 @@ class _LoggingLoader(object):
 # a few milliseconds of startup for a feature few of them use.
 
 _routes = {}          # descendant context id -> _Child whose stream leads there
+_respondents = {}     # our reply handle -> the descendant it waits on
+
+
+def _expect_reply(handle, respondent):
+    """Have the slot of reply handle `handle` (see _Inbox.open_slot) get a
+    dead message if `respondent`, a context reached through one of our
+    children, goes away before close_slot(handle)."""
+    _respondents[handle] = respondent
 
 
 def _forward_up(msg):
@@ -1580,6 +1589,8 @@ def _on_del_route(child, msg):
             child.sent.pop(ident, None)
             if _routes.get(ident) is child:
                 del _routes[ident]
+    _fail_waiters(gone, 'context %d disconnected (DEL_ROUTE from context %d)'
+                  % (target, msg.src_id))
     msg.dst_id = parent_id
     _forward_up(msg)
 
@@ -1603,7 +1614,19 @@ def _child_gone(child, reason):
          reason)
     for ident in ids:
         _send(parent_id, DEL_ROUTE, str(ident).encode('ascii'))
+    _fail_waiters(ids, 'context %d (%s) disconnected: %s' % (
+        child.id, child.name, reason))
     _reap(child.proc)
+
+
+def _fail_waiters(ids, reason):
+    """A dead message for each of our reply handles waiting on one of `ids`
+    (registered with _expect_reply)."""
+    ids = set(ids)
+    for handle, respondent in list(_respondents.items()):
+        if respondent in ids and _respondents.pop(handle, None) is not None:
+            _inbox._route(Message(context_id, respondent, respondent, handle,
+                                  IS_DEAD, reason.encode('utf-8')))
 
 
 def _reap(proc):

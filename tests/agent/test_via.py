@@ -167,3 +167,29 @@ def test_a_child_that_is_not_reading_does_not_stall_the_others(master):
         master.proc.pid
     assert time.monotonic() - t0 < 2.0
     assert master.result(master.recv(30, h)) == 4 << 20
+
+
+def test_waiters_in_the_intermediary_are_released_when_a_child_dies(master):
+    # Code in the intermediary waits for a reply from its child 5; 5 dies.
+    master.serve_module('waiter', (
+        'import mitogen.core as c\n'
+        'def wait_on(ident):\n'
+        '    handle, slot = c._inbox.open_slot()\n'
+        '    c._expect_reply(handle, ident)\n'
+        '    payload = c._encode((None, "time", None, "sleep", (30,), '
+        'c.Kwargs()))\n'
+        '    c._send(ident, c.CALL_FUNCTION, payload, reply_to=handle)\n'
+        '    msg = c._inbox.wait(slot)\n'
+        '    c._inbox.close_slot(handle)\n'
+        '    return msg.is_dead, msg.data.decode()\n'))
+    start_child(master, 5)
+    pid5 = master.result(call_in(master, 5, 'os', 'getpid'))
+    h = master.new_handle()
+    master.send(CALL_FUNCTION, master.call_payload('waiter', 'wait_on', (5,)),
+                reply_to=h)
+    time.sleep(1.0)
+    os.kill(pid5, 9)
+    t0 = time.monotonic()
+    dead, text = master.result(master.recv(10, h))
+    assert dead and 'context 5' in text and 'disconnected' in text
+    assert time.monotonic() - t0 < 2.0
