@@ -75,11 +75,13 @@ class router : public std::enable_shared_from_this<router> {
   /// dead reply (bounds what a hostile child can make us remember).
   static constexpr std::size_t max_blocks_per_child = 64;
 
-  /// Attach a started stream to context `id`. Messages from it must carry
-  /// src_id == auth_id == `id` (source verification); anything else is dropped and
-  /// logged once. When it closes, every handler whose respondent is `id` gets a dead
-  /// message and the teardown registered for `id` runs (broker thread). The stream
-  /// keeps the router alive until then.
+  /// Attach a started stream to context `id`. Messages from it must carry src_id and
+  /// auth_id equal to `id` or to a context routed through it (source verification);
+  /// anything else is dropped and logged once. Messages for other contexts are
+  /// forwarded. The child may add routes for ids allocated to its subtree (ADD_ROUTE,
+  /// see docs/via.md). When it closes, every handler whose respondent is `id` or a
+  /// context routed through it gets a dead message and the teardown registered for
+  /// `id` runs (broker thread). The stream keeps the router alive until then.
   void add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s);
   /// The stream of context `id`, if connected (for a descendant started via= another
   /// context: the stream of the direct child it is reached through).
