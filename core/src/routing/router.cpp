@@ -8,6 +8,13 @@
 #include "mitogen/wire/pickle.hpp"
 
 namespace mitogen {
+namespace {
+
+/// Bytes queued towards a context above which messages forwarded to it from other
+/// children are refused (docs/via.md).
+constexpr std::size_t max_forward_backlog = 64u << 20;
+
+}  // namespace
 
 // ---------------------------------------------------------------- receiver
 
@@ -216,6 +223,16 @@ void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
   // For another context (a sibling, or a descendant of one): forward it as it is.
   std::shared_ptr<stream> s;
   if (!shut_down_.load()) s = stream_for(m.dst_id);
+  if (s && s->queued_bytes() > max_forward_backlog) {
+    // The broker thread never waits for a stream to drain, so a child flooding a
+    // sibling that does not read would make us queue without bound.
+    if (first_complaint(from_id, peer_state::misrouted))
+      spdlog::warn("mitogen: context {} sends to context {}, which is not reading ({} bytes queued); dropping "
+                   "(logged once)",
+                   from_id, m.dst_id, s->queued_bytes());
+    refuse(from_id, m, "context " + std::to_string(m.dst_id) + " is not reading; message dropped");
+    return;
+  }
   if (s) {
     const auto dst = m.dst_id;
     const auto src = m.src_id;

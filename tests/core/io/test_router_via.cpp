@@ -245,3 +245,24 @@ TEST_CASE("ALLOCATE_ID answers a block of ids that only the asking subtree may r
   CHECK(refused.is_dead());
   CHECK(refused.data.find("block limit") != std::string::npos);
 }
+
+TEST_CASE("forwarding to a sibling that does not read is bounded", "[router][via]") {
+  two_children t;
+  // B reads nothing. A sends it 80 MiB in 1 MiB messages: past 64 MiB queued
+  // (plus what the socket buffers hold) the master refuses them.
+  const std::string mib(1 << 20, 'x');
+  for (int i = 0; i < 80; ++i) t.send(t.a, t.b_id, t.a_id, 1234, mib, 500);
+  t.send(t.a, 0, t.a_id, 4242, "", 77);  // a probe: its dead reply comes last
+  int refused = 0;
+  for (;;) {
+    auto m = t.a.recv();
+    REQUIRE(m.is_dead());
+    if (m.handle == 77) break;
+    CHECK(m.handle == 500);
+    CHECK(m.data.find("is not reading") != std::string::npos);
+    ++refused;
+  }
+  CHECK(refused >= 10);
+  CHECK(refused <= 16);
+  CHECK(t.r->stream_for(t.b_id)->queued_bytes() <= (65u << 20));
+}
