@@ -462,8 +462,14 @@ _debug_fd = None        # /tmp/mitogen.<pid>.log when config['debug']
 
 
 def _send(dst_id, handle, data, reply_to=0):
-    """Write one frame to the parent. Safe from any thread. If the parent is
-    gone the write fails, and there is nothing left to do but exit."""
+    """Write one frame to the parent (or, for a descendant started via this
+    context, to the child leading there). Safe from any thread. If the parent
+    is gone the write fails, and there is nothing left to do but exit."""
+    if _routes:   # via= section: a descendant is reached through a child
+        child = _routes.get(dst_id)
+        if child is not None:
+            child.send(dst_id, handle, data, reply_to)
+            return
     fd = _out_fd
     if fd is None:
         return
@@ -600,6 +606,7 @@ class _Inbox(object):
         """Forget a reply handle; later messages to it are refused."""
         with self._lock:
             self._slots.pop(handle, None)
+        _respondents.pop(handle, None)   # via= section
 
     def add_handler(self, handle, fn):
         """Have whichever thread is reading call fn(msg) for each message to
@@ -667,7 +674,7 @@ class _Inbox(object):
     def _route(self, msg):
         """Deliver `msg` to its slot or handler, or refuse it."""
         if msg.dst_id != context_id:
-            return self._refuse(msg, 'no route to context %d' % msg.dst_id)
+            return _route_away(msg)   # via= section
         handle = msg.handle
         with self._lock:
             if handle == CALL_FUNCTION or handle == SHUTDOWN:
@@ -1282,6 +1289,793 @@ class _LoggingLoader(object):
             _install_log_handler(module)
         except Exception as e:   # never break the user's import
             _log(WARNING, 'could not install the log forwarder: %r', e)
+
+
+# ---------------------------------------------------------------------------
+# Contexts started by this one (via=; docs/via.md).
+#
+# The master calls _proxy_connect(method, options, context_id) here; this
+# context then spawns the child with the method's entry in _METHODS, runs the
+# same bootstrap the master runs (stage 1, the compressed agent we were sent
+# ourselves, the BOOTSTRAP frame), reports the new route upward (ADD_ROUTE)
+# and from then on forwards frames both ways:
+#
+# * parent -> descendant: _Inbox._route() hands frames not addressed to us to
+#   _route_away(), which writes them to the child stream leading there. Once
+#   this context has a child, a router thread keeps reading from the parent
+#   even while the main thread runs a call (see _start_router_thread()).
+# * child -> anyone: one reader thread per child (_child_reader) checks that
+#   src_id and auth_id belong to that child's subtree, handles ADD_ROUTE,
+#   DEL_ROUTE and GET_MODULE addressed to us, delivers our other messages
+#   locally, and forwards the rest down (another of our subtrees) or up.
+#
+# Intermediaries are not the hot path: forwarding costs a thread hop, and a
+# context that never starts children runs none of this code. Most of it is
+# even kept as source text (_VIA_SOURCE) and compiled on the first
+# _proxy_connect(): compiling it at every bootstrap would cost every context
+# a few milliseconds of startup for a feature few of them use.
+
+_routes = {}          # descendant context id -> _Child whose stream leads there
+_respondents = {}     # our reply handle -> the descendant it waits on
+
+
+def _expect_reply(handle, respondent):
+    """Have the slot of reply handle `handle` (see _Inbox.open_slot) get a
+    dead message if `respondent`, a context reached through one of our
+    children, goes away before close_slot(handle)."""
+    _respondents[handle] = respondent
+
+
+def _forward_up(msg):
+    """Write `msg` to the parent unchanged (its src_id/auth_id are a
+    descendant's, already verified by _on_child_message)."""
+    frame = _HEADER.pack(HEADER_MAGIC, msg.dst_id, msg.src_id, msg.auth_id,
+                         msg.handle, msg.reply_to, len(msg.data)) + msg.data
+    if not _write_lock.acquire(True, 0.5 if _exiting else -1):
+        os._exit(0)
+    try:
+        _write_rest(_out_fd, frame, 0)
+    except OSError:
+        os._exit(0)   # parent gone
+    finally:
+        _write_lock.release()
+
+
+def _route_away(msg):
+    """A message from the parent for another context: pass it down, or
+    answer it with a dead message if no child leads there."""
+    child = _routes.get(msg.dst_id)
+    if child is None or not child.forward(msg):
+        _inbox._refuse(msg, 'no route to context %d' % msg.dst_id)
+
+
+def _proxy_connect(method, options, context_id=None, name=None):
+    """Start a child context with connection method `method` (a key of
+    _METHODS) and route for it. Called by the master (via=; docs/via.md).
+
+    :param options: dict: the method's options plus python_path,
+        remote_name, connect_timeout (seconds), debug, log_level,
+        max_message_size.
+    :param context_id: the new context's id, allocated by the master; None
+        to take one from an ALLOCATE_ID block.
+    :returns: upstream's reply shape, a dict: ``id`` and ``name`` of the new
+        context and ``msg`` None; or ``id`` None and ``msg`` the error text
+        (``code`` then names the failure: spawn_failed, connect_timeout,
+        child_died).
+    """
+    _load_via()
+    return globals()['_connect_child'](method, options, context_id, name)
+
+
+_via_lock = _thread.allocate_lock()
+
+
+def _load_via():
+    """Compile the intermediary's code into this module, once."""
+    with _via_lock:
+        if '_connect_child' not in globals():
+            name = '<mitogen.core via>'
+            import linecache   # so that tracebacks show this code
+            linecache.cache[name] = (len(_VIA_SOURCE), None,
+                                     _VIA_SOURCE.splitlines(True), name)
+            exec(compile(_VIA_SOURCE, name, 'exec'), globals())
+
+
+# The rest of the intermediary, compiled by _load_via().
+_VIA_SOURCE = r'''
+# stage1.py, verbatim (tests/agent/test_via.py checks that they match): the
+# first stage of the contexts we start. PREAMBLE_LEN is replaced as the master
+# does.
+_STAGE1 = """import os,sys,zlib
+os.write(1,b'MITO000\\n')
+n=PREAMBLE_LEN;p=[]
+while n:
+ b=os.read(0,n)
+ if not b:sys.exit('mitogen: stdin closed during bootstrap')
+ p.append(b);n-=len(b)
+m=sys.modules;g=m['mitogen']=type(sys)('mitogen');g.__path__=[];c=g.core=m['mitogen.core']=type(sys)('mitogen.core')
+exec(compile(zlib.decompress(b''.join(p)),'<mitogen.core>','exec'),c.__dict__)
+c._bootstrap()
+"""
+
+_children = []        # direct children, alive
+_route_lock = _thread.allocate_lock()   # guards _routes, _children, _Child.ids
+_router_started = False
+_id_block = [0, 0]    # ALLOCATE_ID block: next id, end (exclusive)
+_id_lock = _thread.allocate_lock()
+
+
+class _BootError(Exception):
+    """A child failed to start; code names the failure as the master's
+    errc does (spawn_failed, connect_timeout, child_died, ...)."""
+    def __init__(self, code, text):
+        Exception.__init__(self, text)
+        self.code = code
+
+
+# Bytes queued for one child above which senders wait (as the master's
+# streams do), so a child that stops reading cannot make us hoard memory.
+_MAX_QUEUED = 16 * 1024 * 1024
+
+
+class _Child(object):
+    """A directly connected child context and the subtree behind it.
+
+    Frames for it are queued and written by a writer thread of its own, so
+    a child that is not reading (busy in a long call) stalls only the
+    traffic to it, never the routing for everyone else."""
+
+    def __init__(self, context_id, name, proc, rfd, wfd):
+        import threading
+        self.id = context_id
+        self.name = name
+        self.proc = proc
+        self.rfd = rfd                 # owned by the reader thread
+        self.wfd = wfd                 # owned by the writer thread
+        self.ids = set([context_id])   # its subtree, itself included
+        self.parents = {}              # descendant id -> the id that started it
+        self.sent = {}                 # context id -> module names sent to it
+        self.cond = threading.Condition()   # guards queue, queued, gone
+        self.queue = []
+        self.queued = 0
+        self.gone = False
+        self.complained = False
+        _thread.start_new_thread(self._writer, ())
+
+    def write(self, frame):
+        """Queue one whole frame; False if the child is gone. Waits while
+        more than _MAX_QUEUED bytes are queued."""
+        with self.cond:
+            while self.queued > _MAX_QUEUED and not self.gone:
+                self.cond.wait()
+            if self.gone:
+                return False
+            self.queue.append(frame)
+            self.queued += len(frame)
+            self.cond.notify_all()
+        return True
+
+    def close(self):
+        """No more writes; the writer thread closes the descriptor."""
+        with self.cond:
+            self.gone = True
+            self.queue = []
+            self.queued = 0
+            self.cond.notify_all()
+
+    def _writer(self):
+        try:
+            while True:
+                with self.cond:
+                    while not self.queue and not self.gone:
+                        self.cond.wait()
+                    if self.gone:
+                        return
+                    frames, self.queue = self.queue, []
+                for frame in frames:
+                    _write_rest(self.wfd, frame, 0)
+                with self.cond:
+                    self.queued -= sum(len(f) for f in frames)
+                    self.cond.notify_all()
+        except OSError:
+            self.close()   # the child is gone; its reader reports it
+        finally:
+            try:
+                os.close(self.wfd)
+            except OSError:
+                pass
+
+    def forward(self, msg):
+        return self.write(_HEADER.pack(
+            HEADER_MAGIC, msg.dst_id, msg.src_id, msg.auth_id, msg.handle,
+            msg.reply_to, len(msg.data)) + msg.data)
+
+    def send(self, dst_id, handle, data, reply_to=0):
+        """A message from this context to `dst_id` in the child's subtree."""
+        return self.write(_HEADER.pack(
+            HEADER_MAGIC, dst_id, context_id, context_id, handle, reply_to,
+            len(data)) + data)
+
+
+def _dead_to_child(child, msg, reason):
+    if msg.reply_to and not msg.is_dead:
+        child.send(msg.src_id, msg.reply_to, reason.encode('utf-8'),
+                   reply_to=IS_DEAD)
+
+
+def _on_child_message(child, msg):
+    ids = child.ids
+    if msg.src_id not in ids or msg.auth_id not in ids:
+        if not child.complained:
+            child.complained = True
+            _log(WARNING, 'context %d (%s) sent a message claiming src_id=%d '
+                 'auth_id=%d; dropped (logged once)', child.id, child.name,
+                 msg.src_id, msg.auth_id)
+        return
+    dst = msg.dst_id
+    if dst == context_id:
+        if not msg.is_dead:
+            handle = msg.handle
+            if handle == GET_MODULE:
+                return _serve_module(child, msg)
+            if handle == ADD_ROUTE:
+                return _on_add_route(child, msg)
+            if handle == DEL_ROUTE:
+                return _on_del_route(child, msg)
+        return _inbox._route(msg)
+    other = _routes.get(dst)
+    if other is not None:
+        if not other.forward(msg):
+            _dead_to_child(child, msg, 'no route to context %d' % dst)
+        return
+    _forward_up(msg)
+
+
+def _parse_route(data):
+    """b'<id>[:<name>]' -> (id, name); ValueError if malformed."""
+    text = data.decode('utf-8')
+    sid, _, name = text.partition(':')
+    if not (sid.isdigit() and len(sid) <= 10):
+        raise ValueError('bad context id %r' % (sid[:20],))
+    return int(sid), name
+
+
+def _on_add_route(child, msg):
+    """A descendant of `child` started a context: route it through `child`
+    and tell the parent, keeping src_id (the context that started it)."""
+    try:
+        target, _ = _parse_route(msg.data)
+    except (ValueError, UnicodeError) as e:
+        _log(WARNING, 'context %d sent a bad ADD_ROUTE: %s', child.id, e)
+        return
+    with _route_lock:
+        current = _routes.get(target)
+        if (target == 0 or target == context_id or target in parent_ids or
+                (current is not None and current is not child)):
+            ok = False
+        else:
+            ok = True
+            child.ids.add(target)
+            child.parents[target] = msg.src_id
+            _routes[target] = child
+    if not ok:
+        _log(WARNING, 'context %d (%s) sent ADD_ROUTE for context %d, which '
+             'it cannot own; refused', child.id, child.name, target)
+        return
+    msg.dst_id = parent_id
+    _forward_up(msg)
+
+
+def _subtree(child, target):
+    """`target` and every id `child` reported as started below it."""
+    out = [target]
+    for ident in out:
+        out.extend(i for i, p in child.parents.items() if p == ident)
+    return out
+
+
+def _on_del_route(child, msg):
+    try:
+        target, _ = _parse_route(msg.data)
+    except (ValueError, UnicodeError):
+        return
+    with _route_lock:
+        if target == child.id or target not in child.ids:
+            return
+        gone = _subtree(child, target)
+        for ident in gone:
+            child.ids.discard(ident)
+            child.parents.pop(ident, None)
+            child.sent.pop(ident, None)
+            if _routes.get(ident) is child:
+                del _routes[ident]
+    _fail_waiters(gone, 'context %d disconnected (DEL_ROUTE from context %d)'
+                  % (target, msg.src_id))
+    msg.dst_id = parent_id
+    _forward_up(msg)
+
+
+def _child_gone(child, reason):
+    """The child's stream ended: forget its subtree, report every id in it
+    upward (DEL_ROUTE) and reap the process."""
+    child.close()
+    with _route_lock:
+        ids = sorted(child.ids, key=lambda i: i != child.id)
+        for ident in ids:
+            if _routes.get(ident) is child:
+                del _routes[ident]
+        if child in _children:
+            _children.remove(child)
+    try:
+        os.close(child.rfd)
+    except OSError:
+        pass
+    _log(DEBUG, 'context %d (%s) disconnected: %s', child.id, child.name,
+         reason)
+    for ident in ids:
+        _send(parent_id, DEL_ROUTE, str(ident).encode('ascii'))
+    _fail_waiters(ids, 'context %d (%s) disconnected: %s' % (
+        child.id, child.name, reason))
+    _reap(child.proc)
+
+
+def _fail_waiters(ids, reason):
+    """A dead message for each of our reply handles waiting on one of `ids`
+    (registered with _expect_reply)."""
+    ids = set(ids)
+    for handle, respondent in list(_respondents.items()):
+        if respondent in ids and _respondents.pop(handle, None) is not None:
+            _inbox._route(Message(context_id, respondent, respondent, handle,
+                                  IS_DEAD, reason.encode('utf-8')))
+
+
+def _reap(proc):
+    try:
+        proc.wait(1.0)
+    except Exception:
+        try:
+            proc.kill()
+            proc.wait(5.0)
+        except Exception:
+            pass
+
+
+class _FrameReader(object):
+    """Frames from a child's stream (a thread of its own: may block)."""
+
+    def __init__(self, fd, buf, max_message_size):
+        self.fd = fd
+        self.buf = bytearray(buf)
+        self.max_message_size = max_message_size
+
+    def _take(self, n):
+        buf = self.buf
+        while len(buf) < n:
+            chunk = os.read(self.fd, max(_READ_SIZE, n - len(buf)))
+            if not chunk:
+                return None
+            buf += chunk
+        out = bytes(buf[:n])
+        del buf[:n]
+        return out
+
+    def read(self):
+        """The next Message, or None at EOF. Raises StreamError when framing
+        is lost."""
+        header = self._take(_HEADER_LEN)
+        if header is None:
+            return None
+        (magic, dst_id, src_id, auth_id, handle, reply_to,
+         length) = _HEADER.unpack(header)
+        if magic != HEADER_MAGIC:
+            raise StreamError('bad frame magic 0x%04x', magic & 0xffff)
+        if length > self.max_message_size:
+            raise StreamError('frame of %d bytes exceeds max_message_size',
+                              length)
+        data = self._take(length)
+        if data is None:
+            return None
+        return Message(dst_id, src_id, auth_id, handle, reply_to, data)
+
+
+def _child_reader(child, leftover):
+    reader = _FrameReader(child.rfd, leftover, _inbox.max_message_size)
+    reason = 'its stream closed'
+    try:
+        while True:
+            msg = reader.read()
+            if msg is None:
+                break
+            if _debug_fd is not None:
+                _debug_log(DEBUG, 'from child %d: %r' % (child.id, msg))
+            _on_child_message(child, msg)
+    except BaseException as e:
+        reason = str(e)
+        _log(ERROR, 'context %d (%s): %s; disconnecting it', child.id,
+             child.name, reason)
+    finally:
+        try:
+            _child_gone(child, reason)
+        except BaseException as e:
+            _log(ERROR, 'cleaning up context %d failed: %r', child.id, e)
+
+
+def _drain_stderr(fd, name):
+    """Forward what a child (or its ssh client) writes on stderr after
+    bootstrap, line by line."""
+    pending = b''
+    try:
+        while True:
+            chunk = os.read(fd, _READ_SIZE)
+            if not chunk:
+                break
+            lines = (pending + chunk).split(b'\n')
+            pending = lines.pop()[-_READ_SIZE:]
+            for line in lines:
+                _log(WARNING, '[%s] stderr: %s', name,
+                     line.decode('utf-8', 'replace'))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- module forwarding ---------------------------------------------------------
+
+def _serve_module(child, msg):
+    """GET_MODULE from a descendant: answer from our importer's cache, asking
+    our parent (once per name, whoever else waits for it) if it is not there.
+    Before the answer, send the related modules we have cached that this
+    descendant was not sent yet (as the master does)."""
+    try:
+        fullname = msg.data.decode('ascii')
+        if not (0 < len(fullname) <= 512 and
+                all(part.isidentifier() for part in fullname.split('.'))):
+            raise ValueError(fullname)
+    except (UnicodeError, ValueError):
+        _dead_to_child(child, msg, 'bad GET_MODULE name')
+        return
+    target = msg.src_id
+
+    def answer():
+        entry = _importer.cached(fullname)
+        sent = child.sent.setdefault(target, set())
+        tup, payload = entry
+        top = fullname.partition('.')[0]
+        for rel in tup[4] if tup[2] is not None else ():
+            if rel in sent:
+                continue
+            rel_entry = _importer.cached(rel)
+            if rel_entry is None or rel_entry[0][2] is None:
+                continue
+            if rel.partition('.')[0] != top and \
+                    rel.partition('.')[0] not in sent:
+                continue
+            sent.add(rel)
+            child.send(target, LOAD_MODULE,
+                       rel_entry[1] or _encode(rel_entry[0]))
+        sent.add(fullname)
+        child.send(target, LOAD_MODULE, payload or _encode(tup))
+
+    _importer.request(fullname, answer)
+
+
+# -- starting children -----------------------------------------------------------
+
+def _sh_quote(s):
+    return "'" + s.replace("'", "'\\''") + "'"
+
+
+def _popen(argv, argv0=None):
+    import subprocess
+    executable = argv[0]
+    if argv0 is not None:
+        argv = [argv0] + list(argv[1:])
+    return subprocess.Popen(
+        argv, executable=executable, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+        start_new_session=True)
+
+
+def _spawn_local(options, stage1, remote_name):
+    """Method 'local': a Python interpreter on this host."""
+    python = options.get('python_path') or [sys.executable or
+                                            '/usr/bin/python3']
+    if isinstance(python, str):
+        python = [python]
+    proc = _popen(list(python) + ['-c', stage1], 'mitogen:' + remote_name)
+    return proc, 'local.%d' % (proc.pid,)
+
+
+def _spawn_ssh(options, stage1, remote_name):
+    """Method 'ssh': the system ssh client, as the master's openssh
+    transport runs it (docs/ssh.md)."""
+    import binascii
+    host = options.get('hostname')
+    if not host:
+        raise _BootError('spawn_failed', 'ssh needs a hostname')
+    if options.get('password'):
+        raise _BootError('spawn_failed', 'password authentication is not '
+                         'available via=: use keys or an agent')
+    argv = [options.get('ssh_path') or 'ssh',
+            '-o', 'LogLevel=ERROR', '-o', 'BatchMode=yes']
+
+    def opt(kv):
+        argv.extend(('-o', kv))
+    if options.get('ssh_config_file') is not None:
+        argv.extend(('-F', options['ssh_config_file'] or '/dev/null'))
+    if options.get('username'):
+        argv.extend(('-l', options['username']))
+    port = options.get('port')
+    if port:
+        argv.extend(('-p', str(int(port))))
+    for key in options.get('identity_files') or ():
+        argv.extend(('-i', key))
+    if options.get('identity_files'):
+        opt('IdentitiesOnly=yes')
+    if options.get('use_agent') is False:
+        opt('IdentityAgent=none')
+    policy = options.get('check_host_keys') or 'enforce'
+    if policy == 'ignore':
+        opt('StrictHostKeyChecking=no')
+        opt('UserKnownHostsFile=/dev/null')
+        opt('GlobalKnownHostsFile=/dev/null')
+    else:
+        opt('StrictHostKeyChecking=' +
+            ('accept-new' if policy == 'accept' else 'yes'))
+        if options.get('known_hosts_file'):
+            opt('UserKnownHostsFile=' + options['known_hosts_file'])
+    opt('ConnectTimeout=%d' % max(1, int(options.get('connect_timeout')
+                                         or 30)))
+    keepalive = int(options.get('keepalive_interval') or 15)
+    if keepalive > 0:
+        opt('ServerAliveInterval=%d' % keepalive)
+        opt('ServerAliveCountMax=%d' % int(options.get('keepalive_count')
+                                           or 3))
+    argv.extend(options.get('ssh_args') or ())
+    b64 = binascii.b2a_base64(stage1.encode('utf-8')).decode().strip()
+    tail = ' -c %s %s' % (
+        _sh_quote('import base64;exec(base64.b64decode("%s"))' % b64),
+        _sh_quote('mitogen:' + remote_name))
+    python = options.get('python_path')
+    if isinstance(python, str):
+        python = [python]
+    if python:
+        command = ' '.join(_sh_quote(a) for a in python) + tail
+    else:
+        command = ('for p in python3 /usr/bin/python3 python; do command -v '
+                   '"$p" >/dev/null 2>&1 && exec "$p"' + tail + '; done; '
+                   'echo "mitogen: no python3 or python on $(hostname)" >&2; '
+                   'exit 127')
+    argv.extend((host, command))
+    proc = _popen(argv)
+    name = 'ssh.' + host + (':%d' % int(port) if port and int(port) != 22
+                            else '')
+    return proc, name
+
+
+# Connection methods this agent can run: name -> fn(options, stage1,
+# remote_name) returning (process, default context name). The process is a
+# subprocess.Popen or a lookalike: .pid, .stdin/.stdout/.stderr (objects
+# with fileno(); stderr may be None), .kill(), .wait(timeout). stdout must
+# carry the agent's output from the start (a method with prompts, such as a
+# PTY-based sudo, answers them before returning or wraps stdout so that what
+# it returns starts clean; MITO000 may follow other output). Raise _BootError
+# to fail with a message. docs/via.md, "Adding a method".
+_METHODS = {
+    'local': _spawn_local,
+    'ssh': _spawn_ssh,
+}
+
+
+def _agent_preamble():
+    """The compressed agent as stage 1 received it (kept by stage 1 in the
+    `-c` module's `p`), to pass on unchanged."""
+    chunks = getattr(_stage1_main, 'p', None)
+    if not chunks:
+        raise _BootError('spawn_failed', 'this context cannot start others: '
+                         'its own bootstrap data is not available')
+    return b''.join(chunks)
+
+
+def _allocate_id():
+    """A context id for a child started on our own initiative: from a block
+    the master hands out on ALLOCATE_ID (upstream's format: a pickled
+    (first, end) tuple, end exclusive)."""
+    with _id_lock:
+        if _id_block[0] >= _id_block[1]:
+            handle, slot = _inbox.open_slot()
+            try:
+                _send(0, ALLOCATE_ID, b'', reply_to=handle)
+                msg = _inbox.wait(slot)
+            finally:
+                _inbox.close_slot(handle)
+            if msg.is_dead:
+                raise _BootError('spawn_failed', 'ALLOCATE_ID refused: %s' %
+                                 msg.data.decode('utf-8', 'replace'))
+            block = _decode(msg.data)
+            if not (type(block) is tuple and len(block) == 2 and
+                    all(type(i) is int for i in block) and
+                    0 < block[0] < block[1] <= 0xffffffff):
+                raise _BootError('spawn_failed', 'bad ALLOCATE_ID reply')
+            _id_block[:] = block
+        ident = _id_block[0]
+        _id_block[0] += 1
+        return ident
+
+
+def _read_until(fd, buf, marker, deadline, noise):
+    """Read from fd into buf until `marker`; drop everything up to it (kept,
+    bounded, in noise for error messages)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    while True:
+        i = buf.find(marker)
+        if i >= 0:
+            if len(noise) < 4096:
+                noise += buf[:i][:4096 - len(noise)]
+            del buf[:i + len(marker)]
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _BootError('connect_timeout', 'timeout')
+        if poller.poll(remaining * 1000):
+            chunk = os.read(fd, _READ_SIZE)
+            if not chunk:
+                raise _BootError('child_died', 'the child exited during '
+                                 'bootstrap')
+            buf += chunk
+
+
+def _boot_error_text(proc, err):
+    """`err`'s text plus what the child said on stderr (briefly waited for)."""
+    text = str(err)
+    try:
+        proc.kill()
+    except Exception:
+        pass
+    stderr = getattr(proc, 'stderr', None)
+    if stderr is not None:
+        got = b''
+        fd = stderr.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + 0.5
+        while len(got) < 16384 and poller.poll(
+                max(0, deadline - time.monotonic()) * 1000):
+            chunk = os.read(fd, 16384)
+            if not chunk:
+                break
+            got += chunk
+        if got:
+            text += '; stderr: ' + got.decode('utf-8', 'replace').strip()
+    _reap(proc)
+    return text
+
+
+def _start_router_thread():
+    """Once this context has children, a thread keeps reading from the
+    parent (leader/follower: it reads whenever nobody else does), so that
+    frames for descendants and module answers flow while the main thread
+    runs a call."""
+    global _router_started
+    with _route_lock:
+        if _router_started:
+            return
+        _router_started = True
+
+    def run():
+        try:
+            _inbox.wait(_Slot())   # nothing is ever delivered to this slot
+        except BaseException as e:
+            _log(ERROR, 'router thread failed: %s', _format_exception(e))
+            _exit(1)
+    _thread.start_new_thread(run, ())
+    import atexit
+    atexit.register(_stop_children)
+
+
+def _stop_children():
+    """On SHUTDOWN: ask each child to shut down too and give them a moment."""
+    with _route_lock:
+        children = list(_children)
+    for child in children:
+        child.send(child.id, SHUTDOWN, b'')
+    deadline = time.monotonic() + 1.0
+    for child in children:
+        try:
+            child.proc.wait(max(0.01, deadline - time.monotonic()))
+        except Exception:
+            pass
+
+
+def _connect_child(method, options, context_id, name):
+    # _proxy_connect()'s body (its docstring says what this does).
+    options = dict(options or {})
+    proc = None
+    try:
+        spawn = _METHODS.get(method)
+        if spawn is None:
+            raise _BootError('spawn_failed', 'unknown connection method %r '
+                             '(this agent knows %s)' %
+                             (method, ', '.join(sorted(_METHODS))))
+        preamble = _agent_preamble()
+        if context_id is None:
+            context_id = _allocate_id()
+        if (type(context_id) is not int or context_id <= 0 or
+                context_id == globals()['context_id'] or
+                context_id in _routes):
+            raise _BootError('spawn_failed', 'bad context id %r' %
+                             (context_id,))
+        remote_name = options.get('remote_name') or sys.argv[0].partition(
+            ':')[2] or 'context%d' % context_id
+        timeout = float(options.get('connect_timeout') or 30.0)
+        stage1 = _STAGE1.rstrip('\n').replace('PREAMBLE_LEN',
+                                              str(len(preamble)))
+        try:
+            proc, default_name = spawn(options, stage1, remote_name)
+        except OSError as e:
+            raise _BootError('spawn_failed', 'cannot start %s: %s' %
+                             (method, e))
+        name = name or default_name
+        config = {
+            'context_id': context_id,
+            'parent_ids': [globals()['context_id']] + list(parent_ids),
+            'remote_name': remote_name,
+            'debug': bool(options.get('debug')),
+            'log_level': int(options.get('log_level') or INFO),
+            'max_message_size': int(options.get('max_message_size') or
+                                    _inbox.max_message_size),
+        }
+        if _importer.whitelist != ['']:
+            config['whitelist'] = list(_importer.whitelist)
+        if _importer.blacklist:
+            config['blacklist'] = list(_importer.blacklist)
+        data = _encode(config)
+        frame = _HEADER.pack(HEADER_MAGIC, context_id, config['parent_ids'][0],
+                             config['parent_ids'][0], BOOTSTRAP, 0,
+                             len(data)) + data
+        rfd, wfd = proc.stdout.fileno(), proc.stdin.fileno()
+        buf, noise = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            _read_until(rfd, buf, b'MITO000\n', deadline, noise)
+            _write_rest(wfd, preamble + frame, 0)
+            _read_until(rfd, buf, b'MITO001\n', deadline, noise)
+        except _BootError as e:
+            if e.code == 'connect_timeout':
+                e = _BootError(e.code, 'no bootstrap within %d ms' %
+                               (timeout * 1000))
+            if noise:
+                e = _BootError(e.code, '%s; stdout: %s' % (
+                    e, bytes(noise).decode('utf-8', 'replace')))
+            raise e
+        except OSError as e:
+            raise _BootError('child_died', 'bootstrap failed: %s' % (e,))
+    except _BootError as e:
+        text = _boot_error_text(proc, e) if proc is not None else str(e)
+        return {'id': None, 'name': None, 'code': e.code,
+                'msg': 'context %r failed to start on %s: %s' % (
+                    name or method, os.uname()[1], text)}
+    # Our own descriptors: the Popen file objects would close theirs again
+    # when collected, maybe after the numbers were reused.
+    rfd, wfd = _private_dup(rfd), _private_dup(wfd)
+    proc.stdout.close()
+    proc.stdin.close()
+    child = _Child(context_id, name, proc, rfd, wfd)
+    with _route_lock:
+        _routes[context_id] = child
+        _children.append(child)
+    _start_router_thread()
+    if proc.stderr is not None:
+        _thread.start_new_thread(_drain_stderr,
+                                 (os.dup(proc.stderr.fileno()), name))
+        proc.stderr.close()
+    # Upward before the reply: the master routes the id when the call returns.
+    _send(parent_id, ADD_ROUTE, ('%d:%s' % (context_id, name)).encode('utf-8'))
+    _thread.start_new_thread(_child_reader, (child, bytes(buf)))
+    return {'id': context_id, 'name': name, 'msg': None}
+'''
 
 
 # ---------------------------------------------------------------------------

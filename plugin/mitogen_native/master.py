@@ -67,17 +67,17 @@ class Router(_native.Router):
         :param connect_timeout: seconds allowed for the bootstrap (default 30).
         :param name: the returned Context's name, if it should differ from
             ``remote_name``.
+        :param via: a Context that starts the child instead of this program: a
+            subprocess of that context, which routes its messages and serves it
+            modules (docs/via.md). ``python_path`` then defaults to that
+            context's own interpreter.
         :raises mitogen_native.core.StreamError: the child could not be started.
         """
-        if via is not None:
-            raise NotImplementedError(
-                'via= (contexts started through other contexts) arrives with the '
-                'SSH/sudo connection methods; it is not available yet')
         if kwargs:
             raise TypeError('local() got unexpected keyword argument(s): %s'
                             % ', '.join(sorted(kwargs)))
         if python_path is None:
-            python_path = [sys.executable or '/usr/bin/python3']
+            python_path = [] if via is not None else [sys.executable or '/usr/bin/python3']
         elif isinstance(python_path, str):
             python_path = [python_path]
         else:
@@ -91,7 +91,7 @@ class Router(_native.Router):
         log_level = logging.DEBUG if (
             debug or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
         return self._local(remote_name, python_path, bool(debug), float(connect_timeout),
-                           name, log_level)
+                           name, log_level, via)
 
     def ssh(self, hostname, port=None, username=None, password=None,
             identity_file=None, check_host_keys='enforce', known_hosts_file=None,
@@ -108,13 +108,13 @@ class Router(_native.Router):
             keys) or ``'ignore'``.
         :param python_path: remote interpreter (str or list); default: the first of
             python3, /usr/bin/python3, python found there.
+        :param via: a Context that runs the connection instead of this program,
+            with its system ``ssh`` client (``transport`` is then ignored and
+            ``password`` refused; docs/via.md).
         :raises mitogen_native.core.StreamError: authentication failed, the host key
             was refused (the message shows its fingerprint), the host is unreachable,
             or the agent did not start within ``connect_timeout`` seconds.
         """
-        if via is not None:
-            raise NotImplementedError(
-                'via= (contexts started through other contexts) is not available yet')
         if isinstance(identity_file, str):
             identity_file = [identity_file]
         if isinstance(python_path, str):
@@ -130,7 +130,7 @@ class Router(_native.Router):
             keepalive_interval=keepalive_interval, python_path=python_path,
             remote_name=remote_name, transport=transport, ssh_path=ssh_path,
             ssh_args=ssh_args, ssh_config_file=ssh_config_file, debug=bool(debug),
-            log_level=log_level, name=name))
+            log_level=log_level, name=name, via=via))
 
     def enable_debug(self):
         """Turn on debug logs: this program's go to ``/tmp/mitogen.<pid>.log``, and

@@ -64,6 +64,15 @@ mitogen::context start_context(const std::shared_ptr<mitogen::router>& r, std::f
   return std::move(*st->ctx);
 }
 
+/// The core context behind a Python `via=` argument (None: no via).
+std::optional<mitogen::context> via_context(const py_router& pr, const py::object& via) {
+  if (via.is_none()) return std::nullopt;
+  if (!py::isinstance<py_context>(via)) throw py::type_error("via= must be a Context");
+  const auto& c = via.cast<const py_context&>().ctx;
+  if (c.get_router() != pr.r) throw py::value_error("via= names a context of another router");
+  return c;
+}
+
 }  // namespace
 
 void register_router(py::module_& m) {
@@ -92,9 +101,10 @@ void register_router(py::module_& m) {
       .def(
           "_local",
           [](py::object self, std::optional<std::string> remote_name, std::vector<std::string> python_path,
-             bool debug, double connect_timeout, std::optional<std::string> name, int log_level) {
+             bool debug, double connect_timeout, std::optional<std::string> name, int log_level, py::object via) {
             auto& pr = self.cast<py_router&>();
             mitogen::local_options o;
+            o.via = via_context(pr, via);
             o.python_path = std::move(python_path);
             o.remote_name = std::move(remote_name);
             o.debug = debug;
@@ -107,13 +117,14 @@ void register_router(py::module_& m) {
             return make_context(std::move(c), self);
           },
           py::arg("remote_name"), py::arg("python_path"), py::arg("debug"), py::arg("connect_timeout"),
-          py::arg("name"), py::arg("log_level"), "Start a local context (see mitogen_native.master.Router.local).")
+          py::arg("name"), py::arg("log_level"), py::arg("via") = py::none(), "Start a local context (see mitogen_native.master.Router.local).")
       .def(
           "_ssh",
           [](py::object self, py::dict kw) {
             auto& pr = self.cast<py_router&>();
             mitogen::ssh_options o;
             auto get = [&](const char* k) -> py::object { return kw.contains(k) ? py::object(kw[k]) : py::none(); };
+            o.via = via_context(pr, get("via"));
             o.hostname = get("hostname").cast<std::string>();
             if (auto v = get("port"); !v.is_none()) o.port = v.cast<std::uint16_t>();
             if (auto v = get("username"); !v.is_none()) o.username = v.cast<std::string>();
@@ -165,6 +176,26 @@ void register_router(py::module_& m) {
           py::arg("search_path"), py::arg("main_script"), py::arg("allow"), py::arg("deny"),
           "Answer contexts' imports of modules they lack from these directories (see "
           "mitogen_native.master.Router).")
+      .def(
+          "_module_stats",
+          [](py_router& self) {
+            py::dict d;
+            if (!self.responder) return d;
+            auto st = self.responder->get_stats();
+            d["requests"] = st.requests;
+            d["modules_sent"] = st.modules_sent;
+            d["negatives_sent"] = st.negatives_sent;
+            d["refused"] = st.refused;
+            d["bytes_sent"] = st.bytes_sent;
+            return d;
+          },
+          "Counters of the module responder (GET_MODULE requests handled, LOAD_MODULE sent...), for tests.")
+      .def(
+          "_modules_sent_to",
+          [](py_router& self, std::uint32_t id) {
+            return self.responder ? self.responder->sent_to(id) : std::vector<std::string>{};
+          },
+          py::arg("context_id"), "Names the module responder sent to context `context_id`, for tests.")
       .def(
           "context_by_id",
           [](py::object self, std::uint32_t id, std::optional<std::string> name) {

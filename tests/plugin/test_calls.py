@@ -197,8 +197,8 @@ def test_local_options(router):
     assert ctx.call(os.getpid) > 0
     with pytest.raises(StreamError):
         router.local(python_path='/nonexistent/python3')
-    with pytest.raises(NotImplementedError, match='via='):
-        router.local(via=ctx)
+    with pytest.raises(TypeError, match='via= must be a Context'):
+        router.local(via='label')   # via= itself: test_via.py
     with pytest.raises(TypeError, match='unexpected keyword'):
         router.local(no_such_option=1)
 

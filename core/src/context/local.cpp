@@ -6,6 +6,7 @@
 #include "bootstrap.hpp"
 #include "mitogen/errors.hpp"
 #include "process.hpp"
+#include "via.hpp"
 
 namespace mitogen {
 namespace {
@@ -29,6 +30,7 @@ std::string default_remote_name() {
 }
 
 context local(router& r, const local_options& o) {
+  if (o.via) return detail::connect_via(r, o, "local", {});
   detail::check_can_connect(r, "local");
   auto b = r.get_broker();
   const std::uint32_t id = r.allocate_id();

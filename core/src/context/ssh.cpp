@@ -13,6 +13,7 @@
 #include "process.hpp"
 #include "ssh_config.hpp"
 #include "ssh_session.hpp"
+#include "via.hpp"
 
 namespace mitogen {
 namespace {
@@ -134,9 +135,43 @@ std::vector<std::string> openssh_argv(const ssh_options& o, const std::string& c
 
 }  // namespace
 
+namespace {
+
+/// ssh() through another context: its agent runs the system ssh client (the openssh
+/// transport's options; see docs/via.md).
+context ssh_via(router& r, const ssh_options& o) {
+  if (o.password)
+    throw error("mitogen: ssh(via=...): password authentication is not available through another context (use "
+                "keys or an agent)");
+  wire::dict d;
+  auto put = [&](const char* k, wire::value v) { d.items.emplace_back(wire::str{k}, std::move(v)); };
+  put("hostname", wire::str{o.hostname});
+  if (o.port) put("port", static_cast<std::int64_t>(*o.port));
+  if (o.username) put("username", wire::str{*o.username});
+  wire::list ids;
+  for (auto& f : o.identity_files) ids.items.emplace_back(wire::str{f});
+  put("identity_files", std::move(ids));
+  put("use_agent", o.use_agent);
+  put("check_host_keys", wire::str{o.check_host_keys == host_key_policy::enforce  ? "enforce"
+                                   : o.check_host_keys == host_key_policy::accept ? "accept"
+                                                                                   : "ignore"});
+  if (o.known_hosts_file) put("known_hosts_file", wire::str{*o.known_hosts_file});
+  if (o.ssh_config_file) put("ssh_config_file", wire::str{*o.ssh_config_file});
+  put("keepalive_interval", static_cast<std::int64_t>(o.keepalive_interval.count()));
+  put("keepalive_count", static_cast<std::int64_t>(o.keepalive_count));
+  put("ssh_path", wire::str{o.ssh_path});
+  wire::list args;
+  for (auto& a : o.ssh_args) args.items.emplace_back(wire::str{a});
+  put("ssh_args", std::move(args));
+  return detail::connect_via(r, o, "ssh", std::move(d), classify_openssh);
+}
+
+}  // namespace
+
 context ssh(router& r, const ssh_options& o) {
-  detail::check_can_connect(r, "ssh");
   if (o.hostname.empty()) throw error("mitogen: ssh() needs a hostname");
+  if (o.via) return ssh_via(r, o);
+  detail::check_can_connect(r, "ssh");
   auto b = r.get_broker();
   const local_identity me = whoami();
   const std::string remote_name = o.remote_name.value_or(default_remote_name());

@@ -5,8 +5,16 @@
 
 #include "mitogen/errors.hpp"
 #include "mitogen/wire/constants.hpp"
+#include "mitogen/wire/pickle.hpp"
 
 namespace mitogen {
+namespace {
+
+/// Bytes queued towards a context above which messages forwarded to it from other
+/// children are refused (docs/via.md).
+constexpr std::size_t max_forward_backlog = 64u << 20;
+
+}  // namespace
 
 // ---------------------------------------------------------------- receiver
 
@@ -192,26 +200,258 @@ void router::deliver_local(wire::message&& m) {
 }
 
 void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
-  // Source verification: a child speaks only for itself.
-  if (m.src_id != from_id || m.auth_id != from_id) {
+  // Source verification: a child speaks for itself and for the contexts routed
+  // through it (via=), never for anybody else.
+  if (!speaks_for(from_id, m.src_id) || !speaks_for(from_id, m.auth_id)) {
     if (first_complaint(from_id, peer_state::spoofed))
       spdlog::warn("mitogen: context {} ({}) sent a message claiming src_id={} auth_id={}; dropped (logged once)",
                    from_id, name_of(from_id), m.src_id, m.auth_id);
     return;
   }
   if (m.dst_id == my_id_) {
+    if (!m.is_dead()) {
+      switch (m.handle) {
+        case wire::ADD_ROUTE: return on_add_route(from_id, m);
+        case wire::DEL_ROUTE: return on_del_route(from_id, m);
+        case wire::ALLOCATE_ID: return on_allocate_id(from_id, m);
+        default: break;
+      }
+    }
     deliver_local(std::move(m));
     return;
   }
-  // Child-to-child traffic is not permitted until via= routing exists (issue 4).
+  // For another context (a sibling, or a descendant of one): forward it as it is.
+  std::shared_ptr<stream> s;
+  if (!shut_down_.load()) s = stream_for(m.dst_id);
+  if (s && s->queued_bytes() > max_forward_backlog) {
+    // The broker thread never waits for a stream to drain, so a child flooding a
+    // sibling that does not read would make us queue without bound.
+    if (first_complaint(from_id, peer_state::misrouted))
+      spdlog::warn("mitogen: context {} sends to context {}, which is not reading ({} bytes queued); dropping "
+                   "(logged once)",
+                   from_id, m.dst_id, s->queued_bytes());
+    refuse(from_id, m, "context " + std::to_string(m.dst_id) + " is not reading; message dropped");
+    return;
+  }
+  if (s) {
+    const auto dst = m.dst_id;
+    const auto src = m.src_id;
+    const auto reply_to = m.is_dead() ? 0 : m.reply_to;
+    if (s->send(std::move(m)) || !reply_to) return;
+    wire::message fake;
+    fake.src_id = src;
+    fake.reply_to = reply_to;
+    refuse(from_id, fake, "no route to context " + std::to_string(dst));
+    return;
+  }
   if (first_complaint(from_id, peer_state::misrouted))
     spdlog::warn("mitogen: context {} sent to context {}; no route, dropped (logged once)", from_id, m.dst_id);
-  if (m.reply_to && !m.is_dead()) {
-    auto dead = wire::message::dead(from_id, m.reply_to, "no route to context " + std::to_string(m.dst_id));
-    dead.src_id = my_id_;
-    dead.auth_id = my_id_;
-    if (auto s = stream_for(from_id)) s->send(dead);
+  refuse(from_id, m, "no route to context " + std::to_string(m.dst_id));
+}
+
+void router::refuse(std::uint32_t from_id, const wire::message& m, const std::string& reason) {
+  if (!m.reply_to || m.is_dead()) return;
+  auto dead = wire::message::dead(m.src_id, m.reply_to, reason);
+  dead.src_id = my_id_;
+  dead.auth_id = my_id_;
+  if (auto s = stream_for(from_id)) s->send(std::move(dead));
+}
+
+bool router::speaks_for(std::uint32_t from_id, std::uint32_t id) const {
+  if (id == from_id) return true;  // the common case costs no lock
+  std::shared_lock lk(routes_mu_);
+  auto it = routes_.find(id);
+  return it != routes_.end() && it->second.via == from_id;
+}
+
+std::uint32_t router::owner_of(std::uint32_t id) const {
+  auto it = blocks_.upper_bound(id);
+  if (it == blocks_.begin()) return 0;
+  --it;
+  return id < it->second.end ? it->second.owner : 0;
+}
+
+std::uint32_t router::allocate_id_via(std::uint32_t via_id) {
+  std::unique_lock lk(routes_mu_);
+  auto it = routes_.find(via_id);
+  if (it == routes_.end())
+    throw channel_error("mitogen: context " + std::to_string(via_id) + " is not connected; cannot start a context via it");
+  const std::uint32_t id = next_id_.fetch_add(1);
+  blocks_[id] = id_block{id + 1, it->second.via};
+  return id;
+}
+
+std::uint32_t router::routed_via(std::uint32_t id) const {
+  std::shared_lock lk(routes_mu_);
+  auto it = routes_.find(id);
+  return it == routes_.end() ? 0 : it->second.via;
+}
+
+std::vector<std::uint32_t> router::descendants_of(std::uint32_t id) const {
+  std::vector<std::uint32_t> out;
+  std::shared_lock lk(routes_mu_);
+  for (auto& [k, e] : routes_)
+    if (e.via == id && k != id) out.push_back(k);
+  return out;
+}
+
+namespace {
+
+/// "123" or "123:name" (ADD_ROUTE/DEL_ROUTE payloads) -> id, name. False if malformed.
+bool parse_route(const std::string& data, std::uint32_t& id, std::string& name) {
+  auto colon = data.find(':');
+  std::string digits = data.substr(0, colon);
+  if (digits.empty() || digits.size() > 10) return false;
+  std::uint64_t v = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<unsigned>(c - '0');
   }
+  if (v > 0xffffffffu) return false;
+  id = static_cast<std::uint32_t>(v);
+  name.clear();
+  if (colon != std::string::npos) {
+    name = data.substr(colon + 1, 256);
+    for (char& c : name)
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  }
+  return true;
+}
+
+}  // namespace
+
+void router::on_add_route(std::uint32_t from_id, const wire::message& m) {
+  std::uint32_t id = 0;
+  std::string name;
+  std::string why;
+  if (!parse_route(m.data, id, name)) {
+    why = "malformed payload";
+  } else {
+    std::unique_lock lk(routes_mu_);
+    auto cur = routes_.find(id);
+    auto parent = routes_.find(m.src_id);
+    if (id == 0 || id == my_id_)
+      why = "id " + std::to_string(id) + " is reserved";
+    else if (owner_of(id) != from_id)
+      why = "id " + std::to_string(id) + " was not allocated to this context";
+    else if (cur != routes_.end() && cur->second.via != from_id)
+      why = "id " + std::to_string(id) + " is routed elsewhere";
+    else if (parent == routes_.end())
+      why = "its parent is not connected";
+    else {
+      if (name.empty()) name = "context" + std::to_string(id);
+      routes_[id] = route_entry{std::move(name), parent->second.s, from_id, m.src_id};
+      return;
+    }
+  }
+  if (first_complaint(from_id, peer_state::bad_route))
+    spdlog::warn("mitogen: context {} ({}) sent ADD_ROUTE '{}': {}; refused (logged once)", from_id, name_of(from_id),
+                 m.data.substr(0, 64), why);
+}
+
+void router::on_del_route(std::uint32_t from_id, const wire::message& m) {
+  std::uint32_t id = 0;
+  std::string name;
+  std::vector<std::pair<std::uint32_t, std::string>> gone;
+  if (parse_route(m.data, id, name) && id != from_id) {
+    std::unique_lock lk(routes_mu_);
+    auto it = routes_.find(id);
+    if (it != routes_.end() && it->second.via == from_id) {
+      // The context and everything it started (the agent reports each, but a
+      // context that lost its parent cannot be reached either way).
+      std::unordered_set<std::uint32_t> dead{id};
+      gone.emplace_back(id, it->second.name);
+      routes_.erase(it);
+      for (bool more = true; more;) {
+        more = false;
+        for (auto r = routes_.begin(); r != routes_.end();) {
+          if (r->second.via == from_id && dead.count(r->second.parent)) {
+            dead.insert(r->first);
+            gone.emplace_back(r->first, r->second.name);
+            r = routes_.erase(r);
+            more = true;
+          } else {
+            ++r;
+          }
+        }
+      }
+    }
+  }
+  if (gone.empty()) {
+    {
+      // Already gone (an intermediary reports each context of a lost subtree).
+      std::lock_guard lk(gone_mu_);
+      if (gone_.count(id)) return;
+    }
+    if (first_complaint(from_id, peer_state::bad_route))
+      spdlog::warn("mitogen: context {} ({}) sent DEL_ROUTE '{}' for a context it does not route; ignored (logged "
+                   "once)",
+                   from_id, name_of(from_id), m.data.substr(0, 64));
+    return;
+  }
+  for (auto& [gid, gname] : gone) {
+    spdlog::debug("mitogen: context {} ({}) disconnected (DEL_ROUTE from {})", gid, gname, m.src_id);
+    release_waiters(gid, "context " + std::to_string(gid) + " (" + gname + ") disconnected: its parent, context " +
+                             std::to_string(m.src_id) + ", reported it gone");
+  }
+}
+
+void router::on_allocate_id(std::uint32_t from_id, const wire::message& m) {
+  if (!m.reply_to) return;
+  std::uint32_t first = 0;
+  {
+    std::unique_lock lk(routes_mu_);
+    std::size_t held = 0;
+    for (auto& [k, b] : blocks_)
+      if (b.owner == from_id && b.end - k > 1) ++held;
+    if (held < max_blocks_per_child && !shut_down_.load()) {
+      first = next_id_.fetch_add(id_block_size);
+      blocks_[first] = id_block{first + id_block_size, from_id};
+    }
+  }
+  if (!first) {
+    if (first_complaint(from_id, peer_state::bad_alloc))
+      spdlog::warn("mitogen: context {} ({}) asked for more than {} id blocks; refused (logged once)", from_id,
+                   name_of(from_id), max_blocks_per_child);
+    return refuse(from_id, m, "ALLOCATE_ID refused: block limit reached");
+  }
+  wire::tuple t;
+  t.items.emplace_back(static_cast<std::int64_t>(first));
+  t.items.emplace_back(static_cast<std::int64_t>(first + id_block_size));
+  wire::message reply;
+  reply.dst_id = m.src_id;
+  reply.handle = m.reply_to;
+  reply.src_id = reply.auth_id = my_id_;
+  reply.data = wire::encode(wire::value(std::move(t)));
+  if (auto s = stream_for(from_id)) s->send(std::move(reply));
+}
+
+void router::release_waiters(std::uint32_t id, const std::string& reason) {
+  std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
+  {
+    std::lock_guard lk(handlers_mu_);
+    auto rit = by_respondent_.find(id);
+    if (rit != by_respondent_.end()) {
+      for (auto h : rit->second) {
+        auto it = handlers_.find(h);
+        if (it == handlers_.end()) continue;
+        waiting.emplace_back(h, std::move(it->second.fn));
+        handlers_.erase(it);
+      }
+      by_respondent_.erase(rit);
+    }
+  }
+  for (auto& [h, fn] : waiting) {
+    auto dead = wire::message::dead(my_id_, h, reason);
+    dead.src_id = id;
+    fn(std::move(dead));
+  }
+  {
+    std::lock_guard lk(gone_mu_);
+    gone_.insert(id);
+  }
+  gone_cv_.notify_all();
+  peers_.erase(id);
 }
 
 bool router::first_complaint(std::uint32_t id, unsigned what) {
@@ -281,7 +521,7 @@ void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<strea
     self->on_stream_gone(id, ec, detail);
   });
   std::unique_lock lk(routes_mu_);
-  routes_[id] = route_entry{std::move(name), std::move(s)};
+  routes_[id] = route_entry{std::move(name), std::move(s), id, my_id_};
 }
 
 std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
@@ -315,6 +555,7 @@ void router::add_teardown(std::uint32_t id, std::function<void(std::function<voi
 
 void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail) {
   std::string name;
+  std::vector<std::pair<std::uint32_t, std::string>> descendants;
   {
     std::unique_lock lk(routes_mu_);
     auto it = routes_.find(id);
@@ -322,6 +563,16 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
       name = it->second.name;
       routes_.erase(it);
     }
+    // Everything started through this child is unreachable now.
+    for (auto r = routes_.begin(); r != routes_.end();) {
+      if (r->second.via == id) {
+        descendants.emplace_back(r->first, r->second.name);
+        r = routes_.erase(r);
+      } else {
+        ++r;
+      }
+    }
+    for (auto b = blocks_.begin(); b != blocks_.end();) b = b->second.owner == id ? blocks_.erase(b) : std::next(b);
   }
   if (ec == errc::protocol_error)
     spdlog::warn("mitogen: context {} ({}) broke the protocol and was disconnected: {}", id, name, detail);
@@ -332,7 +583,11 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
       spdlog::warn("mitogen: dropped {} log records from context {} ({})", p->second.logs_dropped, id, name);
     peers_.erase(p);
   }
-  // Release every caller waiting on this context, now.
+  // Release every caller waiting on this context or on one reached through it, now.
+  for (auto& [did, dname] : descendants)
+    release_waiters(did, "context " + std::to_string(did) + " (" + dname + ") disconnected: context " +
+                             std::to_string(id) + " (" + name + "), through which it was reached, disconnected: " +
+                             detail);
   std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
   {
     std::lock_guard lk(handlers_mu_);
@@ -419,6 +674,7 @@ void router::shutdown_on_broker(std::function<void()> done) {
   {
     std::shared_lock lk(routes_mu_);
     for (auto& [id, e] : routes_) {
+      if (e.via != id) continue;  // reached through a child: it goes with that child
       targets.emplace_back(id, e.s);
       streams.push_back(e.s);
     }

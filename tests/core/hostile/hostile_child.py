@@ -17,6 +17,8 @@ MAGIC = 0x4d49
 FORWARD_LOG = 102
 CALL_FUNCTION = 101
 ADD_ROUTE = 103
+DEL_ROUTE = 104
+ALLOCATE_ID = 105
 
 
 def read_exact(n):
@@ -107,6 +109,16 @@ def main():
         write(frame(0, me, me, reply_to, 0, pickle.dumps('honest', 2)))
     elif scenario == 'add_route':
         write(frame(0, me, me, ADD_ROUTE, 0, b'12345:evil'))
+        reply_to_next_call(pickle.dumps('honest', 2))
+    elif scenario == 'route_abuse':
+        # Hoard id blocks, then try to take over the context started before us
+        # (the good one) and to delete its route.
+        for i in range(200):
+            write(frame(0, me, me, ALLOCATE_ID, 0, b'') if i % 2 else
+                  frame(0, me, me, ALLOCATE_ID, 5000 + i, b''))
+        write(frame(0, me, me, ADD_ROUTE, 0, b'%d:evil' % (me - 1)))
+        write(frame(0, me, me, DEL_ROUTE, 0, b'%d' % (me - 1)))
+        write(frame(0, me, me, ADD_ROUTE, 0, b'%d:evil' % 2**40))
         reply_to_next_call(pickle.dumps('honest', 2))
     elif scenario == 'log_flood':
         line = frame(0, me, me, FORWARD_LOG, 0, b'flood\x0020\x00' + b'y' * 1000)

@@ -172,6 +172,19 @@ TEST_CASE("ADD_ROUTE from a child is refused", "[hostile]") {
   t.good_still_works();
 }
 
+TEST_CASE("route abuse: hoarding id blocks, claiming or deleting a sibling's route", "[hostile][via]") {
+  log_capture logs;
+  rig t;
+  auto h = t.hostile("route_abuse");
+  CHECK(h.call(any_call(), 10s).as<wire::str>().utf8 == "honest");
+  CHECK(t.r->routed_via(t.good.id()) == t.good.id());
+  CHECK(t.r->descendants_of(h.id()).empty());
+  CHECK(logs.count("id blocks; refused") == 1);
+  CHECK(logs.count("sent ADD_ROUTE") == 1);
+  CHECK(logs.count("sent DEL_ROUTE") == 0);  // logged once per child with ADD_ROUTE's complaint
+  t.good_still_works();
+}
+
 TEST_CASE("a flood of FORWARD_LOG is rate limited, memory bounded, logged once", "[hostile]") {
   log_capture logs;
   std::atomic<long> delivered{0};  // before the rig: the sink may run during its shutdown

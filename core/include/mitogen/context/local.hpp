@@ -26,6 +26,10 @@ struct connect_options {
   /// Level of log records the child forwards (Python logging numbers).
   int log_level = 20;
   std::uint32_t max_message_size = wire::default_max_message_size;
+  /// Start the context through this one instead of from here (docs/via.md): its
+  /// agent spawns the child, routes for it, and serves it modules from its cache.
+  /// The new context's id is allocated here; calls to it travel through `via`.
+  std::optional<context> via;
 };
 
 /// What a custom_boot hook is told about the context being started.
@@ -54,7 +58,8 @@ struct local_options : connect_options {
   std::function<custom_boot(const boot_params&)> boot_with;
 };
 
-/// Start a local context and wait for its bootstrap. Any thread except the broker's.
+/// Start a local context and wait for its bootstrap (with `opts.via`: a Python
+/// subprocess of that context, on its host). Any thread except the broker's.
 /// Throws stream_error (spawn_failed, bootstrap_failed, connect_timeout, child_died)
 /// with the child's stderr in the message when it had any.
 context local(router& r, const local_options& opts = {});

@@ -6,12 +6,14 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
+#include <vector>
 
 #include "mitogen/io/broker.hpp"
 #include "mitogen/io/stream.hpp"
@@ -61,15 +63,34 @@ class router : public std::enable_shared_from_this<router> {
 
   /// A new context id for a child.
   std::uint32_t allocate_id() { return next_id_.fetch_add(1); }
+  /// A new context id for a child that context `via_id` will start (via=): recorded
+  /// as owned by the subtree of the direct child `via_id` is routed through, so that
+  /// only that stream may ADD_ROUTE it. Throws channel_error if `via_id` is not
+  /// connected.
+  std::uint32_t allocate_id_via(std::uint32_t via_id);
 
-  /// Attach a started stream to context `id`. Messages from it must carry
-  /// src_id == auth_id == `id` (source verification); anything else is dropped and
-  /// logged once. When it closes, every handler whose respondent is `id` gets a dead
-  /// message and the teardown registered for `id` runs (broker thread). The stream
-  /// keeps the router alive until then.
+  /// Ids per ALLOCATE_ID block (upstream's IdAllocator.BLOCK_SIZE).
+  static constexpr std::uint32_t id_block_size = 1000;
+  /// ALLOCATE_ID blocks one direct child's subtree may hold; further requests get a
+  /// dead reply (bounds what a hostile child can make us remember).
+  static constexpr std::size_t max_blocks_per_child = 64;
+
+  /// Attach a started stream to context `id`. Messages from it must carry src_id and
+  /// auth_id equal to `id` or to a context routed through it (source verification);
+  /// anything else is dropped and logged once. Messages for other contexts are
+  /// forwarded. The child may add routes for ids allocated to its subtree (ADD_ROUTE,
+  /// see docs/via.md). When it closes, every handler whose respondent is `id` or a
+  /// context routed through it gets a dead message and the teardown registered for
+  /// `id` runs (broker thread). The stream keeps the router alive until then.
   void add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s);
-  /// The stream of context `id`, if connected.
+  /// The stream of context `id`, if connected (for a descendant started via= another
+  /// context: the stream of the direct child it is reached through).
   std::shared_ptr<stream> stream_for(std::uint32_t id) const;
+  /// For a routed context: the direct child whose stream leads to it (itself for a
+  /// direct child); 0 if `id` is not routed.
+  std::uint32_t routed_via(std::uint32_t id) const;
+  /// Every context routed through direct child `id`'s stream, `id` excluded.
+  std::vector<std::uint32_t> descendants_of(std::uint32_t id) const;
   /// Name of context `id` ("" if unknown).
   std::string name_of(std::uint32_t id) const;
 
@@ -106,11 +127,18 @@ class router : public std::enable_shared_from_this<router> {
   struct route_entry {
     std::string name;
     std::shared_ptr<stream> s;
+    std::uint32_t via = 0;     ///< direct child whose stream this is (== id for a direct child)
+    std::uint32_t parent = 0;  ///< context that started it (0: us)
+  };
+  /// An id range [first, end) handed to a direct child's subtree.
+  struct id_block {
+    std::uint32_t end;
+    std::uint32_t owner;  ///< direct child id
   };
   /// What a child has done wrong, so each kind of misbehaviour is logged once, and
   /// its log-forwarding budget. Broker thread only.
   struct peer_state {
-    enum : unsigned { spoofed = 1, foreign_handle = 2, flooding = 4, misrouted = 8 };
+    enum : unsigned { spoofed = 1, foreign_handle = 2, flooding = 4, misrouted = 8, bad_route = 16, bad_alloc = 32 };
     unsigned warned = 0;
     double log_tokens = log_burst;
     std::chrono::steady_clock::time_point log_refill = std::chrono::steady_clock::now();
@@ -125,6 +153,18 @@ class router : public std::enable_shared_from_this<router> {
   void deliver_local(wire::message&& m);  // broker thread
   void deliver_dead(std::uint32_t handle, std::string reason);  // any thread
   void on_forward_log(std::uint32_t from_id, const wire::message& m);  // broker thread
+  // via= routing (broker thread): `from_id` is the direct child the message came from.
+  void on_add_route(std::uint32_t from_id, const wire::message& m);
+  void on_del_route(std::uint32_t from_id, const wire::message& m);
+  void on_allocate_id(std::uint32_t from_id, const wire::message& m);
+  /// Answer `m` (if it wants a reply) with a dead message on `from_id`'s stream.
+  void refuse(std::uint32_t from_id, const wire::message& m, const std::string& reason);
+  /// True if `id` is `from_id` or routed through its stream.
+  bool speaks_for(std::uint32_t from_id, std::uint32_t id) const;
+  /// The direct child owning `id` through an ALLOCATE_ID block or allocate_id_via(); 0 if none.
+  std::uint32_t owner_of(std::uint32_t id) const;  // routes_mu_ held
+  /// Release every caller waiting on context `id` (dead messages) and mark it gone.
+  void release_waiters(std::uint32_t id, const std::string& reason);
   void shutdown_on_broker(std::function<void()> done);
 
   std::shared_ptr<broker> broker_;
@@ -140,6 +180,7 @@ class router : public std::enable_shared_from_this<router> {
 
   mutable std::shared_mutex routes_mu_;
   std::unordered_map<std::uint32_t, route_entry> routes_;
+  std::map<std::uint32_t, id_block> blocks_;  // guarded by routes_mu_
 
   std::mutex gone_mu_;
   std::condition_variable gone_cv_;
