@@ -1135,6 +1135,24 @@ def _file_cleanup():
     _file_temps.clear()
 
 
+_file_pipes_grown = False
+
+
+def _file_grow_pipes():
+    """Once: enlarge the protocol pipes (if they are pipes) to 1 MiB, the
+    unprivileged maximum, so a chunk moves in a few system calls instead of
+    sixteen 64 KiB wake-ups. Best effort."""
+    global _file_pipes_grown
+    if _file_pipes_grown:
+        return
+    _file_pipes_grown = True
+    for fd in (_inbox._file.fileno(), _out_fd):
+        try:
+            fcntl.fcntl(fd, 1031, 1 << 20)     # F_SETPIPE_SZ
+        except (OSError, TypeError):
+            pass
+
+
 def _file_check_sender(obj, what):
     if not (isinstance(obj, Sender) and type(obj.dst_handle) is int and
             obj.dst_handle >= FIRST_DYNAMIC_HANDLE):
@@ -1194,6 +1212,7 @@ def _file_receive(path, size, mode, owner, group, ack_to, ack_bytes):
             type(ack_bytes) is int and ack_bytes > 0):
         raise StreamError('bad _file_receive arguments')
     peer, ack_handle = _file_check_sender(ack_to, 'ack_to')
+    _file_grow_pipes()
     uid, gid = _file_id(owner, 'user'), _file_id(group, 'group')
     handle, slot = _inbox.open_slot()
     fd = tmp = None
@@ -1260,6 +1279,17 @@ def _file_receive(path, size, mode, owner, group, ack_to, ack_bytes):
             _file_temps.discard(tmp)
 
 
+def _file_wait_ack(slot, peer, acked):
+    """Wait for the master's next acknowledgement; the new acked count."""
+    msg = _inbox.wait(slot)
+    if msg.is_dead:
+        raise ChannelError('the receiver gave up: %s' % (
+            msg.data.decode('utf-8', 'replace') or 'no reason'))
+    if msg.src_id == peer and len(msg.data) == _FILE_ACK.size:
+        acked = max(acked, _FILE_ACK.unpack(msg.data)[0])
+    return acked
+
+
 def _file_send(path, data_to, chunk_size, window):
     """Stream the file at `path` to the master (see the top of this section):
     a header message, then chunks of at most `chunk_size` bytes, never more
@@ -1269,6 +1299,7 @@ def _file_send(path, data_to, chunk_size, window):
             type(window) is int and window >= chunk_size):
         raise StreamError('bad _file_send arguments')
     peer, data_handle = _file_check_sender(data_to, 'data_to')
+    _file_grow_pipes()
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
@@ -1287,12 +1318,7 @@ def _file_send(path, data_to, chunk_size, window):
         while sent < size:
             n = min(len(buf), size - sent)
             while sent + n - acked > window:
-                msg = _inbox.wait(slot)
-                if msg.is_dead:
-                    raise ChannelError('the receiver gave up: %s' % (
-                        msg.data.decode('utf-8', 'replace') or 'no reason'))
-                if msg.src_id == peer and len(msg.data) == _FILE_ACK.size:
-                    acked = max(acked, _FILE_ACK.unpack(msg.data)[0])
+                acked = _file_wait_ack(slot, peer, acked)
             try:
                 n = os.preadv(fd, [view[:n]], sent)
             except OSError as e:
@@ -1301,6 +1327,10 @@ def _file_send(path, data_to, chunk_size, window):
                 raise OSError(5, 'file shrank while being sent', path)
             _send(peer, data_handle, view[:n])
             sent += n
+        # The master acknowledges the last byte once it is written; waiting
+        # for that also means no acknowledgement arrives after we are gone.
+        while acked < size:
+            acked = _file_wait_ack(slot, peer, acked)
         return sent
     finally:
         _inbox.close_slot(handle)

@@ -512,7 +512,8 @@ class remote_source : public remote_end {
     std::uint32_t h;
     {
       std::lock_guard lk(st_->mu);
-      if (consumed_ - st_->ack_sent < ack_bytes_ || consumed_ >= st_->size) return;
+      // The last byte is always acknowledged: the agent waits for that before it returns.
+      if (consumed_ - st_->ack_sent < ack_bytes_ && consumed_ < st_->size) return;
       st_->ack_sent = consumed_;  // before routing, so the handler's window check is never too strict
       h = st_->peer_handle;
     }
