@@ -156,15 +156,17 @@ def test_put_into_full_filesystem(ctx, tmp_path):
             f.write(b'old file' * 1000)
         src = str(tmp_path / 'src')
         write_random(src, 8 << 20)
+        handlers = ctx.call(file_helpers.handler_count)
         with pytest.raises(FileError) as e:
-            ctx.put_file(src, old, timeout=30)
+            ctx.put_file(src, old, timeout=30, chunk_size=65536)
         assert 'No space left on device' in str(e.value)
         assert e.value.errno == errno.ENOSPC
         with open(old, 'rb') as f:
             assert f.read() == b'old file' * 1000
         assert temp_files(mnt) == []
-        # The context still works after the failure.
+        # The context still works after the failure, and kept nothing behind.
         assert ctx.call(file_helpers.listdir, mnt) == ['dst']
+        assert ctx.call(file_helpers.handler_count) == handlers
 
 
 @needs_root

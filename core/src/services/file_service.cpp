@@ -291,12 +291,14 @@ class remote_end {
     throw file_error(st_->failure, st_->failure.find("disconnected") != std::string::npos ? EPIPE : EPROTO);
   }
 
-  /// Tell the agent function to stop (a dead message to its handle).
+  /// Tell the agent function to stop (a dead message to its handle). Also sent
+  /// after it failed: a failed _file_receive swallows chunks still in flight
+  /// until this arrives. A dead message nobody waits for is dropped quietly.
   void stop_peer(const std::string& reason) {
     std::uint32_t h;
     {
       std::lock_guard lk(st_->mu);
-      if (st_->reply || !st_->failure.empty() || !st_->peer_handle) return;
+      if (!st_->peer_handle) return;
       h = st_->peer_handle;
     }
     r_->route(wire::message::dead(ctx_.id(), h, reason));
@@ -345,7 +347,7 @@ class remote_sink : public remote_end {
         ho);
   }
   ~remote_sink() {
-    if (!finished_) stop_peer("transfer aborted by the sender");
+    if (!succeeded_) stop_peer("transfer aborted by the sender");
     r_->del_handler(ack_handle_);
   }
 
@@ -386,19 +388,18 @@ class remote_sink : public remote_end {
     std::unique_lock lk(st_->mu);
     wait(lk, [&] { return st_->reply || !st_->failure.empty(); }, "finishing");
     if (!st_->reply) throw_failure();
-    finished_ = true;
     lk.unlock();
     auto n = reply_count();
     if (n != size_)
       throw file_error("context " + ctx_.name() + " wrote " + std::to_string(n) + " of " + std::to_string(size_) +
                            " bytes", EIO);
+    succeeded_ = true;
     return n;
   }
 
  private:
   /// The agent function returned before it had everything: it failed, or lies.
   [[noreturn]] void early_reply(std::unique_lock<std::mutex>& lk) {
-    finished_ = true;
     lk.unlock();
     reply_count();  // throws the remote error, if any
     throw file_error("context " + ctx_.name() + " ended the transfer before receiving everything", EPROTO);
@@ -406,7 +407,7 @@ class remote_sink : public remote_end {
 
   std::uint32_t ack_handle_ = 0;
   std::uint64_t size_ = 0;
-  bool finished_ = false;
+  bool succeeded_ = false;
 };
 
 /// The agent's _file_send(): it sends a header then chunks, we acknowledge.
@@ -455,7 +456,7 @@ class remote_source : public remote_end {
         ho);
   }
   ~remote_source() {
-    if (!finished_) stop_peer("transfer aborted by the receiver");
+    if (!succeeded_) stop_peer("transfer aborted by the receiver");
     r_->del_handler(data_handle_);
   }
 
@@ -470,8 +471,7 @@ class remote_source : public remote_end {
     wait(lk, [&] { return st_->have_header || st_->reply || !st_->failure.empty(); }, "opening the file");
     if (!st_->failure.empty()) throw_failure();
     if (!st_->have_header) {
-      finished_ = true;
-      lk.unlock();
+        lk.unlock();
       reply_count();
       throw file_error("context " + ctx_.name() + " ended the transfer before sending anything", EPROTO);
     }
@@ -495,7 +495,6 @@ class remote_source : public remote_end {
       st_->chunks.pop_front();
       return c;
     }
-    finished_ = true;
     const auto received = st_->received, size = st_->size;
     lk.unlock();
     auto n = reply_count();
@@ -503,6 +502,7 @@ class remote_source : public remote_end {
       throw file_error("context " + ctx_.name() + " ended the transfer after " + std::to_string(received) + " of " +
                            std::to_string(size) + " bytes",
                        EPROTO);
+    succeeded_ = true;
     return std::nullopt;
   }
 
@@ -527,7 +527,7 @@ class remote_source : public remote_end {
  private:
   std::uint32_t data_handle_ = 0;
   std::uint64_t consumed_ = 0;
-  bool finished_ = false;
+  bool succeeded_ = false;
 };
 
 }  // namespace
