@@ -250,6 +250,7 @@ def test_child_killed_during_put(router, tmp_path):
     assert not t.is_alive()
     assert time.monotonic() - start < 30
     assert isinstance(out.get('error'), FileError), out
+    assert out['error'].errno == errno.EPIPE
     with open(dst, 'rb') as f:
         assert f.read() == b'old'
 
@@ -272,6 +273,7 @@ def test_child_killed_during_get(router, tmp_path):
     assert time.monotonic() - start < 30
     assert isinstance(out.get('error'), FileError), out
     assert 'disconnected' in str(out['error'])
+    assert out['error'].errno == errno.EPIPE
     assert os.listdir(str(local_dir)) == []     # neither dst nor a temp file
 
 
@@ -308,6 +310,7 @@ def test_child_sending_more_than_announced(ctx, tmp_path):
     with pytest.raises(FileError) as e:
         ctx.get_file('/etc/hostname', dst, timeout=30)
     assert 'more than the 10 bytes it announced' in str(e.value)
+    assert e.value.errno == errno.EPROTO
     assert os.listdir(str(tmp_path)) == []
 
 
@@ -342,6 +345,7 @@ def test_child_that_never_finishes(ctx, tmp_path):
     with pytest.raises(FileError) as e:
         ctx.get_file('/etc/hostname', dst, timeout=1.5)
     assert 'no progress' in str(e.value)
+    assert e.value.errno == errno.ETIMEDOUT
     assert 1.0 < time.monotonic() - start < 30
     assert os.listdir(str(tmp_path)) == []
 

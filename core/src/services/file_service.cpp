@@ -196,6 +196,7 @@ struct remote_state {
   std::condition_variable cv;
   std::optional<wire::message> reply;  ///< the agent function's reply
   std::string failure;                 ///< set when the peer went away or broke the rules
+  int failure_errno = 0;               ///< EPIPE (went away) or EPROTO (broke the rules)
   clock::time_point progress = clock::now();
 
   // remote_sink: bytes handed to the stream / acknowledged; the agent's data handle.
@@ -280,6 +281,7 @@ class remote_end {
                         const std::string& what) {
     if (!st.failure.empty()) return;
     st.failure = "context " + ctx.name() + " " + what;
+    st.failure_errno = EPROTO;
     st.chunks.clear();
     st.chunks.shrink_to_fit();
     st.cv.notify_all();
@@ -288,7 +290,7 @@ class remote_end {
   }
 
   [[noreturn]] void throw_failure() {
-    throw file_error(st_->failure, st_->failure.find("disconnected") != std::string::npos ? EPIPE : EPROTO);
+    throw file_error(st_->failure, st_->failure_errno);
   }
 
   /// Tell the agent function to stop (a dead message to its handle). Also sent
@@ -327,7 +329,10 @@ class remote_sink : public remote_end {
           st->progress = clock::now();
           st->cv.notify_all();
           if (m.is_dead()) {
-            if (st->failure.empty()) st->failure = "context " + c.name() + " disconnected: " + m.data;
+            if (st->failure.empty()) {
+              st->failure = "context " + c.name() + " disconnected: " + m.data;
+              st->failure_errno = EPIPE;
+            }
             return;
           }
           if (!st->failure.empty()) return;
@@ -426,7 +431,10 @@ class remote_source : public remote_end {
           st->progress = clock::now();
           st->cv.notify_all();
           if (m.is_dead()) {
-            if (st->failure.empty()) st->failure = "context " + c.name() + " disconnected: " + m.data;
+            if (st->failure.empty()) {
+              st->failure = "context " + c.name() + " disconnected: " + m.data;
+              st->failure_errno = EPIPE;
+            }
             return;
           }
           if (!st->failure.empty()) return;  // dropped: the transfer already failed
