@@ -145,6 +145,9 @@ def main():
     ap.add_argument('--runs', type=int, default=3)
     ap.add_argument('--size-mib', type=int, default=1024)
     ap.add_argument('--no-upstream', action='store_true')
+    ap.add_argument('--only', choices=['local', 'ssh'], help='measure one target only')
+    ap.add_argument('--upstream-ssh-mib', type=int,
+                    help='file size for upstream over ssh (it moves ~3 MiB/s there; 1 GiB x 3 takes ~20 min)')
     # Internal: one measurement in this fresh process.
     ap.add_argument('--impl')
     ap.add_argument('--src')
@@ -162,14 +165,19 @@ def main():
     info = None
     try:
         src = os.path.join(work, 'src')
+        small_src = os.path.join(work, 'small-src')
         warm = os.path.join(work, 'warm')
         make_source(src, a.size_mib)
+        if a.upstream_ssh_mib:
+            make_source(small_src, a.upstream_ssh_mib)
+            os.chmod(small_src, 0o644)
         make_source(warm, 4)
         os.chmod(work, 0o755)
+        os.chmod(shm, 0o755)
         for p in (src, warm):
             os.chmod(p, 0o644)
-        targets = [('local', None)]
-        if a.ssh:
+        targets = [] if a.only == 'ssh' else [('local', None)]
+        if a.ssh or a.only == 'ssh':
             out = subprocess.run([sys.executable, FIXTURE, 'start'], check=True,
                                  stdout=subprocess.PIPE).stdout
             info = json.loads(out)
@@ -183,7 +191,10 @@ def main():
                     os.chown(dest, pw.pw_uid, pw.pw_gid)
                 local_dest = tempfile.mkdtemp(dir=base)
                 for impl in (['native'] if a.no_upstream else ['native', 'upstream']):
-                    cmd = [sys.executable, os.path.abspath(__file__), '--impl', impl, '--src', src,
+                    mib, this_src = a.size_mib, src
+                    if impl == 'upstream' and sshd and a.upstream_ssh_mib:
+                        mib, this_src = a.upstream_ssh_mib, small_src
+                    cmd = [sys.executable, os.path.abspath(__file__), '--impl', impl, '--src', this_src,
                            '--warm', warm, '--dest', dest, '--local-dest', local_dest,
                            '--runs', str(a.runs)]
                     if impl == 'native':
@@ -196,8 +207,8 @@ def main():
                         print('%s %s %s failed:\n%s' % (impl, target, dest_name, p.stderr[-2000:]))
                         continue
                     res = json.loads([l for l in p.stdout.splitlines() if l.startswith('RESULT ')][0][7:])
+                    res['mib'] = mib
                     rows.append((target, dest_name, impl, res))
-                    mib = a.size_mib
                     print('%-5s %-5s %-8s put %s MiB/s (median %.0f)%s, controller peak RSS +%.1f MiB' % (
                         target, dest_name, impl,
                         ' '.join('%.0f' % (mib / s) for s in res['put_s']),
@@ -209,14 +220,14 @@ def main():
                 shutil.rmtree(dest, ignore_errors=True)
                 shutil.rmtree(local_dest, ignore_errors=True)
         print()
-        print('| target | destination | implementation | controller → context, MiB/s (median of %d) '
+        print('| target | destination | implementation | file | controller → context, MiB/s (median of %d) '
               '| context → controller, MiB/s | controller peak RSS growth |' % a.runs)
-        print('|---|---|---|---:|---:|---:|')
+        print('|---|---|---|---:|---:|---:|---:|')
         for target, dest_name, impl, res in rows:
-            print('| %s | %s | %s | %.0f | %s | %.1f MiB |' % (
+            print('| %s | %s | %s | %d MiB | %.0f | %s | %.1f MiB |' % (
                 target, dest_name, 'mitogen_native' if impl == 'native' else 'upstream 0.3.3 FileService',
-                a.size_mib / statistics.median(res['put_s']),
-                '%.0f' % (a.size_mib / statistics.median(res['get_s'])) if res['get_s'] else '—',
+                res['mib'], res['mib'] / statistics.median(res['put_s']),
+                '%.0f' % (res['mib'] / statistics.median(res['get_s'])) if res['get_s'] else '—',
                 res['hwm_growth_kib'] / 1024.0))
     finally:
         if info:
