@@ -144,6 +144,19 @@ def test_copy_between_two_contexts(router, tmp_path):
     assert os.stat(dst).st_mode & 0o7777 == 0o600
 
 
+def test_a_transfer_queued_behind_a_long_call_does_not_time_out(ctx, tmp_path):
+    # The agent runs one call at a time: the transfer starts once the sleep
+    # ends. `timeout` bounds silence during the transfer, not the queueing.
+    busy = ctx.call_async(time.sleep, 2.5)
+    src = tmp_path / 'src'
+    src.write_bytes(b'queued')
+    start = time.monotonic()
+    assert ctx.put_file(str(src), str(tmp_path / 'dst'), timeout=1) == 6
+    assert time.monotonic() - start > 1.5
+    assert (tmp_path / 'dst').read_bytes() == b'queued'
+    busy.get(timeout=30)
+
+
 # ---- 3, 4, 5. full and read-only filesystems
 
 

@@ -245,12 +245,14 @@ class remote_end {
     r_->route(std::move(m));
   }
 
-  /// Wait (lock held) until `done()`, failing on cancel or on no progress.
+  /// Wait (lock held) until `done()`, failing on cancel or, once the transfer
+  /// started (`started`), on no progress. Until the agent function runs, the
+  /// call may be queued behind others in the context, like any call: no limit.
   template <class Pred>
-  void wait(std::unique_lock<std::mutex>& lk, Pred done, const char* doing) {
+  void wait(std::unique_lock<std::mutex>& lk, Pred done, const char* doing, bool started = true) {
     while (!done()) {
       if (opts_.cancel && opts_.cancel->load()) throw file_error("transfer cancelled", ECANCELED);
-      if (clock::now() - st_->progress > opts_.idle_timeout)
+      if (started && clock::now() - st_->progress > opts_.idle_timeout)
         throw file_error("context " + ctx_.name() + " made no progress for " +
                              std::to_string(opts_.idle_timeout.count() / 1000.0).substr(0, 6) + " s while " + doing,
                          ETIMEDOUT);
@@ -365,7 +367,8 @@ class remote_sink : public remote_end {
                   wire::value(static_cast<std::int64_t>(ack_bytes_))};
     start_call("_file_receive", std::move(args));
     std::unique_lock lk(st_->mu);
-    wait(lk, [&] { return st_->peer_handle || st_->reply || !st_->failure.empty(); }, "starting to receive");
+    wait(lk, [&] { return st_->peer_handle || st_->reply || !st_->failure.empty(); }, "starting to receive",
+         false);
     if (st_->reply) early_reply(lk);
     if (!st_->failure.empty()) throw_failure();
   }
@@ -476,7 +479,7 @@ class remote_source : public remote_end {
                   wire::value(static_cast<std::int64_t>(window_bytes_))};
     start_call("_file_send", std::move(args));
     std::unique_lock lk(st_->mu);
-    wait(lk, [&] { return st_->have_header || st_->reply || !st_->failure.empty(); }, "opening the file");
+    wait(lk, [&] { return st_->have_header || st_->reply || !st_->failure.empty(); }, "opening the file", false);
     if (!st_->failure.empty()) throw_failure();
     if (!st_->have_header) {
         lk.unlock();
