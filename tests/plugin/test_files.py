@@ -157,6 +157,30 @@ def test_a_transfer_queued_behind_a_long_call_does_not_time_out(ctx, tmp_path):
     busy.get(timeout=30)
 
 
+def test_concurrent_transfers_to_one_context(ctx, tmp_path):
+    srcs = []
+    for i in range(3):
+        src = str(tmp_path / ('src%d' % i))
+        write_random(src, (2 << 20) + i, seed=i)
+        srcs.append(src)
+    threads = [_run_in_thread(lambda s=s: ctx.put_file(s, s + '.out', chunk_size=65536))
+               for s in srcs]
+    for t, out in threads:
+        t.join(60)
+        assert not t.is_alive() and 'error' not in out, out
+    for s in srcs:
+        assert sha256(s + '.out') == sha256(s)
+
+
+def test_copy_within_one_context_is_refused(ctx, tmp_path):
+    src = tmp_path / 'src'
+    src.write_bytes(b'x')
+    with pytest.raises(FileError) as e:
+        ctx.copy_file(str(src), ctx, str(tmp_path / 'dst'))
+    assert e.value.errno == errno.EINVAL and 'within one context' in str(e.value)
+    assert os.listdir(str(tmp_path)) == ['src']
+
+
 # ---- 3, 4, 5. full and read-only filesystems
 
 

@@ -578,6 +578,11 @@ std::uint64_t fetch_file(const context& ctx, const std::string& remote_path, con
 std::uint64_t copy_file(const context& src_ctx, const std::string& src_path, const context& dst_ctx,
                         const std::string& dst_path, const file_options& opts) {
   check_options(opts);
+  // Both agent functions run on the context's one main thread: the second would
+  // wait behind the first forever.
+  if (src_ctx.id() == dst_ctx.id() && src_ctx.get_router() == dst_ctx.get_router())
+    throw file_error("copy_file within one context (" + src_ctx.name() + ") is not supported: call shutil.copyfile there",
+                     EINVAL);
   remote_source src(src_ctx, opts);
   src.start(src_path);
   remote_sink sink(dst_ctx, opts);
