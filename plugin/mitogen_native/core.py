@@ -76,6 +76,15 @@ class ChannelError(Error):
     reached, before answering."""
 
 
+class FileError(Error, OSError):
+    """A file transfer (``Context.put_file``, ``get_file``, ``copy_file``)
+    failed; the destination was left as it was. An ``OSError``: ``errno`` is
+    the error behind it when there is one (``ENOSPC``, ``EACCES``, ... on
+    whichever side it happened), else 0; ``strerror`` is the full message."""
+    def __init__(self, *args):
+        OSError.__init__(self, *args)
+
+
 class StreamError(Error):
     """A context could not be started, or its connection broke the protocol."""
 

@@ -137,6 +137,7 @@ void register_logging(py::module_& m);
 void register_broker(py::module_& m);
 void register_router(py::module_& m);
 void register_context(py::module_& m);
+void register_files(py::module_& m);  ///< after register_context: adds Context methods
 
 /// Build a Python Context for `ctx`, bound to `router`. GIL held.
 py::object make_context(mitogen::context ctx, const py::object& router);

@@ -6,6 +6,7 @@
 #include "mitogen/errors.hpp"
 #include "mitogen/io/broker.hpp"
 #include "mitogen/io/stream.hpp"
+#include "mitogen/services/file_service.hpp"
 #include "mitogen/services/module_responder.hpp"
 #include "mitogen/routing/receiver.hpp"
 #include "mitogen/routing/router.hpp"
