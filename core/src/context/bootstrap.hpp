@@ -127,6 +127,9 @@ struct boot_request {
   /// Optional: refine the error code of a failed start from the stderr text (e.g.
   /// OpenSSH's "Permission denied" becomes auth_failed).
   std::function<std::error_code(std::error_code, const std::string& stderr_text)> classify;
+  /// Optional: the reason shown for a code that `classify` changed (instead of the
+  /// original failure's, e.g. "the context disconnected").
+  std::function<std::string(std::error_code)> describe;
 };
 
 /// Attach `req.s` to the router as context `req.id`, answer MITO000 with the preamble,
