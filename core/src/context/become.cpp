@@ -205,7 +205,11 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
     std::string text = tty_note_;
     std::string tail = scrubbed(pending);
     tail.erase(std::remove(tail.begin(), tail.end(), '\r'), tail.end());
-    if (!tail.empty()) text += (text.empty() ? "" : " / ") + tail.substr(0, max_tty_note);
+    if (!tail.empty()) {
+      text += (text.empty() ? "" : " / ") + tail.substr(0, max_tty_note);
+      // Only an unrecognised prompt stays unfinished for long: say what would help.
+      if (!sent_.load()) text += " (not recognised as a password prompt: see password_prompts)";
+    }
     if (!text.empty()) boot_->set_note("terminal: " + text);
   }
 
@@ -242,7 +246,7 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
   void fail(errc code, const std::string& detail) {
     auto ec = make_error_code(code);
     std::string why = describe(ec);
-    if (!detail.empty()) why += " (" + scrubbed(detail) + ")";
+    if (!detail.empty()) why += ": " + scrubbed(detail);
     matching_ = false;
     boot_->finish(false, ec, why);
   }
@@ -346,7 +350,7 @@ context become(router& r, const become_options& o, const std::string& method, co
   cfg.pats.password_required = lowered(defaults.password_required);
 
   auto boot = std::make_shared<detail::boot_state>();
-  boot->set_phase("waiting for " + method + ": no password prompt and no interpreter yet");
+  boot->set_phase("waiting for " + method + ": no recognised password prompt and no interpreter yet");
   auto w = std::make_shared<become_watcher>(b->io(), child, boot, std::move(cfg));
 
   detail::boot_request req;

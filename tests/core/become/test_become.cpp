@@ -189,7 +189,7 @@ TEST_CASE("sudo: a sudo that never prompts nor starts fails with connect_timeout
   auto e = expect_stream_error([&] { sudo(*t.r, o); });
   auto took = clk::now() - t0;
   CHECK(e.code() == errc::connect_timeout);
-  CHECK(std::string(e.what()).find("no password prompt") != std::string::npos);
+  CHECK(std::string(e.what()).find("no recognised password prompt") != std::string::npos);
   CHECK(took >= 1900ms);
   CHECK(took < 10s);
 }
