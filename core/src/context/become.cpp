@@ -332,6 +332,10 @@ context become(router& r, const become_options& o, const std::string& method, co
   const std::string name = method + "." + target;
   const std::string remote_name = o.remote_name.value_or(default_remote_name());
 
+  // The answer is one line: a line break inside would answer the next prompt too.
+  if (o.password && o.password->find_first_of("\r\n") != std::string::npos)
+    throw error("mitogen: " + method + ": the password must not contain a line break");
+
   detail::spawned_tty child;
   if (auto ec = detail::spawn_with_tty(argv, argv.front(), child))
     throw stream_error(make_error_code(errc::spawn_failed),

@@ -328,3 +328,11 @@ TEST_CASE("sudo_args are parsed as upstream does", "[become]") {
   o.sudo_args = {"-u"};
   CHECK_THROWS_AS(sudo_command(o, py), stream_error);
 }
+
+TEST_CASE("become: a password with a line break is refused before anything starts", "[become]") {
+  rig t;
+  sudo_options o;
+  o.sudo_path = "/nonexistent/sudo";  // never started
+  o.password = "first\nsecond";
+  CHECK_THROWS_WITH(sudo(*t.r, o), Catch::Contains("must not contain a line break"));
+}
