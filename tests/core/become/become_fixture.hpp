@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #ifndef MITOGEN_BECOME_FIXTURE
@@ -17,7 +18,8 @@ namespace mitogen::test {
 
 class become_fixture {
  public:
-  /// The fixture, or nullptr when it cannot be set up here (not root).
+  /// The fixture, or nullptr when it cannot be set up here (not root). As root, a
+  /// fixture that fails to start throws: the tests must fail, not skip.
   static become_fixture* get() {
     static std::unique_ptr<become_fixture> instance = start();
     return instance.get();
@@ -40,10 +42,7 @@ class become_fixture {
     char buf[4096];
     std::size_t n;
     while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    if (::pclose(p) != 0) {
-      std::fprintf(stderr, "become fixture failed: %s\n", out.c_str());
-      return nullptr;
-    }
+    if (::pclose(p) != 0) throw std::runtime_error("become fixture failed to start: " + out);
     auto f = std::unique_ptr<become_fixture>(new become_fixture);
     // Flat JSON object of strings and integers.
     std::size_t i = 0;

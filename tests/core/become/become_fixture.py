@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'ssh'))
 import sshd_fixture  # noqa: E402  (creates mitogen-test with its password)
@@ -49,13 +50,25 @@ def run(*argv, **kw):
     return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+def retried(fn, *args):
+    """useradd and chpasswd refuse to run while another one holds /etc/shadow's lock
+    (the SSH tests' fixture may be setting the same password right now): try again."""
+    for attempt in range(20):
+        try:
+            return fn(*args)
+        except subprocess.CalledProcessError:
+            if attempt == 19:
+                raise
+            time.sleep(0.5)
+
+
 def ensure_users():
-    sshd_fixture.ensure_user()
+    retried(sshd_fixture.ensure_user)
     try:
         pwd.getpwnam(NOSUDO_USER)
     except KeyError:
-        run('useradd', '-m', '-s', '/bin/bash', NOSUDO_USER)
-    run('chpasswd', input=('%s:%s\n' % (NOSUDO_USER, NOSUDO_PASSWORD)).encode())
+        retried(run, 'useradd', '-m', '-s', '/bin/bash', NOSUDO_USER)
+    retried(lambda: run('chpasswd', input=('%s:%s\n' % (NOSUDO_USER, NOSUDO_PASSWORD)).encode()))
 
 
 def ensure_sudoers():
