@@ -162,3 +162,27 @@ def test_sudo_login_shell(fx, router):
     ctx = router.sudo(username=fx['test_user'], login=True, connect_timeout=30)
     assert ctx.call(os.getuid) == fx['test_uid']
     assert ctx.call(os.getcwd) == '/home/' + fx['test_user']
+
+
+def test_output_to_the_terminal_after_boot_is_drained(fx, router):
+    # A program run by the context writes to /dev/tty (ours) long after the
+    # bootstrap: far more than a terminal buffers. It must not block.
+    import subprocess as sp
+    ctx = router.sudo(username=fx['test_user'], connect_timeout=30)
+    time.sleep(0.5)
+    rc = ctx.call(sp.call, ['sh', '-c', 'head -c 262144 /dev/zero | tr "\\0" x > /dev/tty'],
+                  timeout=20)
+    assert rc == 0
+
+
+@pytest.mark.skipif(not os.path.exists('/usr/bin/doas'), reason='opendoas not installed')
+def test_output_to_the_terminal_after_boot_is_drained_doas(fx, router):
+    # doas keeps no descriptor on the terminal after exec: the terminal has no
+    # open slave side at all between the bootstrap and the write.
+    import subprocess as sp
+    ctx = router.doas(doas_path=fx['doas_as_test'], password=fx['test_password'],
+                      connect_timeout=30)
+    time.sleep(0.5)
+    rc = ctx.call(sp.call, ['sh', '-c', 'head -c 262144 /dev/zero | tr "\\0" x > /dev/tty'],
+                  timeout=20)
+    assert rc == 0

@@ -107,13 +107,13 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
     });
   }
 
-  /// The bootstrap finished (either way): stop matching, drop our descriptor on the
-  /// terminal (the master then reads EIO once the child closes /dev/tty) and forget
-  /// the password. Broker thread.
+  /// The bootstrap finished (either way): stop matching and forget the password.
+  /// Our descriptor on the terminal's slave side stays open until close_tty(): with
+  /// no slave side open the master reads EIO, reading stops, and a later writer to
+  /// /dev/tty (a program the context runs) would block once the buffer is full.
+  /// Broker thread.
   void bootstrap_over() {
     matching_ = false;
-    if (slave_fd_ >= 0) ::close(slave_fd_);
-    slave_fd_ = -1;
     scrub_password();
     std::fill(shown_password_.begin(), shown_password_.end(), '\0');
     shown_password_.clear();
@@ -123,6 +123,8 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
   /// password) and stop reading it. stderr is read on until EOF. Broker thread.
   void close_tty() {
     bootstrap_over();
+    if (slave_fd_ >= 0) ::close(slave_fd_);
+    slave_fd_ = -1;
     boost::system::error_code ignored;
     tty_.close(ignored);
   }

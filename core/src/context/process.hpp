@@ -29,7 +29,7 @@ struct spawned_tty : spawned {
   int tty_master = -1;  ///< our side of the terminal (O_CLOEXEC, blocking)
   /// A descriptor on the terminal's child side, kept by us: while it is open, reading
   /// tty_master never fails with EIO just because the child has not opened /dev/tty
-  /// yet (or has closed it). Close it when the bootstrap is over.
+  /// yet (or has closed it). Keep it as long as tty_master is read.
   int tty_slave = -1;
 };
 
