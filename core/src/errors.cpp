@@ -20,6 +20,9 @@ class category final : public std::error_category {
       case errc::host_key_mismatch: return "host key mismatch";
       case errc::host_key_unknown: return "host key not known";
       case errc::host_unreachable: return "host unreachable";
+      case errc::become_password_wrong: return "the password was refused";
+      case errc::become_password_required: return "a password is required";
+      case errc::become_not_allowed: return "not allowed to become the target user";
     }
     return "unknown mitogen error";
   }

@@ -89,6 +89,11 @@ class StreamError(Error):
     """A context could not be started, or its connection broke the protocol."""
 
 
+class PasswordError(StreamError):
+    """sudo, su or doas refused the password given, or asked for one and none was
+    given (upstream: mitogen.sudo.PasswordError). The message says which."""
+
+
 class TimeoutError(Error):
     """A wait given a timeout ran out of time. (Not the built-in TimeoutError.)"""
 

@@ -25,6 +25,16 @@ def _module_search_path():
     return search_path, main_file and os.path.abspath(main_file)
 
 
+def _as_list(v, split=False):
+    """None, a string (one item, or split on whitespace: "-H -S -n") or an
+    iterable -> list."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return v.split() if split else [v]
+    return [str(x) for x in v]
+
+
 class Broker(_native.Broker):
     """Runs the private I/O thread (a C++ thread) serving its routers.
 
@@ -131,6 +141,98 @@ class Router(_native.Router):
             remote_name=remote_name, transport=transport, ssh_path=ssh_path,
             ssh_args=ssh_args, ssh_config_file=ssh_config_file, debug=bool(debug),
             log_level=log_level, name=name, via=via))
+
+    # -- sudo / su / doas (docs/become.md) ------------------------------------
+
+    def _become_start(self, method, via, options):
+        if via is not None:
+            raise NotImplementedError(
+                'via= for %s (starting it from inside another context) is not '
+                'available yet' % (method,))
+        o = dict(options)
+        python_path = o.get('python_path')
+        if python_path is None:
+            o['python_path'] = [sys.executable or '/usr/bin/python3']
+        elif isinstance(python_path, str):
+            o['python_path'] = [python_path]
+        else:
+            o['python_path'] = [str(p) for p in python_path]
+        # One prompt (upstream su/doas: password_prompt=) or a list of them.
+        prompts = list(_as_list(o.pop('password_prompt', None)) or [])
+        prompts += _as_list(o.get('password_prompts')) or []
+        o['password_prompts'] = prompts or None
+        for k in ('incorrect_prompts', 'not_allowed_prompts'):
+            o[k] = _as_list(o.get(k))
+        o['sudo_args'] = _as_list(o.get('sudo_args'), split=True)
+        if o.get('password') is not None and not isinstance(o['password'], str):
+            o['password'] = o['password'].decode('utf-8') if isinstance(
+                o['password'], bytes) else str(o['password'])
+        if o.get('debug') is None:
+            o['debug'] = self.debug
+        o['debug'] = bool(o['debug'])
+        o['log_level'] = logging.DEBUG if (
+            o['debug'] or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
+        return self._become(method, o)
+
+    def sudo(self, username=None, sudo_path=None, password=None, sudo_args=None,
+             preserve_env=None, set_home=None, login=None, selinux_role=None,
+             selinux_type=None, password_prompts=None, incorrect_prompts=None,
+             not_allowed_prompts=None, python_path=None, remote_name=None,
+             connect_timeout=None, debug=None, name=None, via=None):
+        """Start a context as another user through sudo and return it once its agent
+        has booted. sudo runs with a terminal of its own, so a password prompt is
+        answered (once) with ``password``; see docs/become.md.
+
+        :param username: target user (default ``root``, or ``-u`` of ``sudo_args``).
+        :param sudo_path: the sudo program (default ``sudo`` from PATH).
+        :param sudo_args: extra flags as a list or a string, parsed like upstream:
+            ``-E -H -i -u USER -r ROLE -t TYPE`` (long forms too); ``-S`` and ``-n``
+            are accepted and ignored.
+        :param password_prompts: texts that make a partial line a password prompt
+            (case-insensitive substrings; default: "password" in ~30 languages).
+        :param python_path: interpreter (str or list); default ``sys.executable``.
+        :param connect_timeout: seconds for everything, prompt included (default 30).
+        :raises mitogen_native.core.PasswordError: the password was refused, or one
+            was asked for and none given (a StreamError).
+        :raises mitogen_native.core.StreamError: no sudoers rule allows it, the
+            timeout passed, or the interpreter did not start.
+        """
+        return self._become_start('sudo', via, dict(
+            username=username, sudo_path=sudo_path, password=password,
+            sudo_args=sudo_args, preserve_env=preserve_env, set_home=set_home,
+            login=login, selinux_role=selinux_role, selinux_type=selinux_type,
+            password_prompts=password_prompts, incorrect_prompts=incorrect_prompts,
+            not_allowed_prompts=not_allowed_prompts, python_path=python_path,
+            remote_name=remote_name, connect_timeout=connect_timeout, debug=debug,
+            name=name))
+
+    def su(self, username=None, password=None, su_path=None, password_prompt=None,
+           incorrect_prompts=None, password_prompts=None, not_allowed_prompts=None,
+           python_path=None, remote_name=None, connect_timeout=None, debug=None,
+           name=None, via=None):
+        """Start a context as another user through ``su USER -c ...``; as
+        :meth:`sudo` (upstream's ``password_prompt`` is one more prompt text)."""
+        return self._become_start('su', via, dict(
+            username=username, password=password, su_path=su_path,
+            password_prompt=password_prompt, password_prompts=password_prompts,
+            incorrect_prompts=incorrect_prompts,
+            not_allowed_prompts=not_allowed_prompts, python_path=python_path,
+            remote_name=remote_name, connect_timeout=connect_timeout, debug=debug,
+            name=name))
+
+    def doas(self, username=None, password=None, doas_path=None,
+             password_prompt=None, incorrect_prompts=None, password_prompts=None,
+             not_allowed_prompts=None, python_path=None, remote_name=None,
+             connect_timeout=None, debug=None, name=None, via=None):
+        """Start a context as another user through ``doas -u USER``; as
+        :meth:`sudo`."""
+        return self._become_start('doas', via, dict(
+            username=username, password=password, doas_path=doas_path,
+            password_prompt=password_prompt, password_prompts=password_prompts,
+            incorrect_prompts=incorrect_prompts,
+            not_allowed_prompts=not_allowed_prompts, python_path=python_path,
+            remote_name=remote_name, connect_timeout=connect_timeout, debug=debug,
+            name=name))
 
     def enable_debug(self):
         """Turn on debug logs: this program's go to ``/tmp/mitogen.<pid>.log``, and

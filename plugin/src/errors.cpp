@@ -11,6 +11,16 @@ void raise(const py::object& cls, const std::string& text, PyObject* fallback) {
   PyErr_SetObject(cls ? cls.ptr() : fallback, msg.ptr());
 }
 
+/// mitogen_native.core.PasswordError, or None if core.py lacks it. GIL held.
+py::object password_error() {
+  try {
+    auto core = py::module_::import("mitogen_native.core");
+    if (py::hasattr(core, "PasswordError")) return core.attr("PasswordError");
+  } catch (const py::error_already_set&) {
+  }
+  return {};
+}
+
 }  // namespace
 
 void register_errors(py::module_& m) {
@@ -24,6 +34,11 @@ void register_errors(py::module_& m) {
     } catch (const mitogen::channel_error& e) {
       raise(t.ChannelError, e.what(), PyExc_RuntimeError);
     } catch (const mitogen::stream_error& e) {
+      // sudo/su/doas refused or wanted the password: core.PasswordError, a
+      // StreamError, as upstream's mitogen.sudo.PasswordError.
+      if (e.code() == mitogen::errc::become_password_wrong || e.code() == mitogen::errc::become_password_required) {
+        if (py::object cls = password_error(); cls) return raise(cls, e.what(), PyExc_RuntimeError);
+      }
       raise(t.StreamError, e.what(), PyExc_RuntimeError);
     } catch (const mitogen::timeout_error& e) {
       raise(t.TimeoutError, e.what(), PyExc_TimeoutError);

@@ -166,6 +166,61 @@ void register_router(py::module_& m) {
           },
           py::arg("options"), "Start an SSH context (see mitogen_native.master.Router.ssh).")
       .def(
+          "_become",
+          [](py::object self, const std::string& method, py::dict kw) {
+            auto& pr = self.cast<py_router&>();
+            auto get = [&](const char* k) -> py::object { return kw.contains(k) ? py::object(kw[k]) : py::none(); };
+            // The options every become method shares.
+            auto fill = [&](mitogen::become_options& o) {
+              if (auto v = get("username"); !v.is_none()) o.username = v.cast<std::string>();
+              if (auto v = get("password"); !v.is_none()) o.password = v.cast<std::string>();
+              if (auto v = get("password_prompts"); !v.is_none())
+                o.password_prompts = v.cast<std::vector<std::string>>();
+              if (auto v = get("incorrect_prompts"); !v.is_none())
+                o.incorrect_prompts = v.cast<std::vector<std::string>>();
+              if (auto v = get("not_allowed_prompts"); !v.is_none())
+                o.not_allowed_prompts = v.cast<std::vector<std::string>>();
+              if (auto v = get("python_path"); !v.is_none()) o.python_path = v.cast<std::vector<std::string>>();
+              if (auto v = get("remote_name"); !v.is_none()) o.remote_name = v.cast<std::string>();
+              if (auto v = get("connect_timeout"); !v.is_none())
+                o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
+              o.debug = get("debug").cast<bool>();
+              o.log_level = get("log_level").cast<int>();
+            };
+            std::function<mitogen::context()> connect;
+            auto r = pr.r;
+            if (method == "sudo") {
+              mitogen::sudo_options o;
+              fill(o);
+              if (auto v = get("sudo_path"); !v.is_none()) o.sudo_path = v.cast<std::string>();
+              if (auto v = get("sudo_args"); !v.is_none()) o.sudo_args = v.cast<std::vector<std::string>>();
+              if (auto v = get("preserve_env"); !v.is_none()) o.preserve_env = v.cast<bool>();
+              if (auto v = get("set_home"); !v.is_none()) o.set_home = v.cast<bool>();
+              if (auto v = get("login"); !v.is_none()) o.login = v.cast<bool>();
+              if (auto v = get("selinux_role"); !v.is_none()) o.selinux_role = v.cast<std::string>();
+              if (auto v = get("selinux_type"); !v.is_none()) o.selinux_type = v.cast<std::string>();
+              connect = [r, o = std::move(o)] { return mitogen::sudo(*r, o); };
+            } else if (method == "su") {
+              mitogen::su_options o;
+              fill(o);
+              if (auto v = get("su_path"); !v.is_none()) o.su_path = v.cast<std::string>();
+              connect = [r, o = std::move(o)] { return mitogen::su(*r, o); };
+            } else if (method == "doas") {
+              mitogen::doas_options o;
+              fill(o);
+              if (auto v = get("doas_path"); !v.is_none()) o.doas_path = v.cast<std::string>();
+              connect = [r, o = std::move(o)] { return mitogen::doas(*r, o); };
+            } else {
+              throw py::value_error("method must be 'sudo', 'su' or 'doas'");
+            }
+            mitogen::context c = start_context(r, std::move(connect));
+            pr.contexts->add(c.id());
+            if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
+            return make_context(std::move(c), self);
+          },
+          py::arg("method"), py::arg("options"),
+          "Start a context through sudo, su or doas (see mitogen_native.master.Router.sudo).")
+      .def(
           "_serve_modules",
           [](py_router& self, std::vector<std::string> search_path, std::optional<std::string> main_script,
              std::vector<std::string> allow, std::vector<std::string> deny) {

@@ -21,6 +21,9 @@ enum class errc {
   host_key_mismatch,   ///< the server's host key differs from the known one (SSH)
   host_key_unknown,    ///< the host is not in known_hosts and the policy is enforce (SSH)
   host_unreachable,    ///< the host could not be resolved or connected to (SSH)
+  become_password_wrong,     ///< sudo/su/doas refused the password given
+  become_password_required,  ///< sudo/su/doas asked for a password and none was given
+  become_not_allowed,        ///< sudo/su/doas refused the user outright (no sudoers/doas rule)
 };
 
 /// The "mitogen" error category.

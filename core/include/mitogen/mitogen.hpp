@@ -1,5 +1,6 @@
 #pragma once
 /// Umbrella header: the public C++ API.
+#include "mitogen/context/become.hpp"
 #include "mitogen/context/context.hpp"
 #include "mitogen/context/local.hpp"
 #include "mitogen/context/ssh.hpp"

@@ -267,14 +267,16 @@ context run_bootstrap(router& r, boot_request req) {
   // Give the last words on stderr a moment to arrive: they say what went wrong.
   boot->cv.wait_for(lk, std::chrono::milliseconds(300), [&] { return boot->stderr_eof; });
   std::string msg = "mitogen: context '" + req.name + "' failed to start: ";
-  if (boot->ec == errc::connect_timeout) {
+  auto ec = boot->ec;
+  if (req.classify) ec = req.classify(ec, boot->stderr_text);
+  if (std::string d; ec != boot->ec && req.describe && !(d = req.describe(ec)).empty()) {
+    msg += d;
+  } else if (boot->ec == errc::connect_timeout) {
     msg += "no bootstrap within " + std::to_string(o.connect_timeout.count()) + " ms";
     if (!boot->phase.empty()) msg += " (while " + boot->phase + ")";
   } else {
     msg += boot->why;
   }
-  auto ec = boot->ec;
-  if (req.classify) ec = req.classify(ec, boot->stderr_text);
   if (!boot->note.empty()) msg += "; " + boot->note;
   if (!boot->stderr_text.empty()) msg += "; stderr: " + boot->stderr_text;
   if (!scanner->noise().empty()) msg += "; stdout: " + scanner->noise();

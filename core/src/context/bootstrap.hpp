@@ -134,6 +134,9 @@ struct boot_request {
   std::function<std::error_code(std::error_code, const std::string& stderr_text)> classify;
   /// Optional: what to write after MITO000 instead of preamble(config).
   std::optional<std::string> preamble;
+  /// Optional: the reason shown for a code that `classify` changed (instead of the
+  /// original failure's, e.g. "the context disconnected").
+  std::function<std::string(std::error_code)> describe;
 };
 
 /// Attach `req.s` to the router as context `req.id`, answer MITO000 with the preamble,

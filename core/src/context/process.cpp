@@ -1,6 +1,8 @@
 #include "process.hpp"
 
 #include <fcntl.h>
+#include <stdlib.h>
+#include <termios.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -35,7 +37,13 @@ bool make_pipe(fd_guard& r, fd_guard& w) {
 
 }  // namespace
 
-std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out) {
+namespace {
+
+/// spawn_piped(), plus: when `ctty` is set, the child opens that terminal once right
+/// after setsid() (as a session leader without a controlling terminal, so it becomes
+/// its controlling terminal) and closes the descriptor again before exec.
+std::error_code spawn_impl(const std::vector<std::string>& argv, const std::string& argv0, const char* ctty,
+                           spawned& out) {
   fd_guard in_r, in_w, out_r, out_w, err_r, err_w;
   if (!make_pipe(in_r, in_w) || !make_pipe(out_r, out_w) || !make_pipe(err_r, err_w))
     return {errno, std::generic_category()};
@@ -52,6 +60,13 @@ std::error_code spawn_piped(const std::vector<std::string>& argv, const std::str
   // Descriptors the host program left inheritable must not reach the child, or it
   // could keep another child's pipe open and never see its parent hang up.
   posix_spawn_file_actions_addclosefrom_np(&fa, 3);
+  if (ctty) {
+    // glibc runs the file actions after POSIX_SPAWN_SETSID's setsid(): opening the
+    // terminal without O_NOCTTY makes it the new session's controlling terminal (what
+    // TIOCSCTTY would do), and it stays so after the descriptor is closed again.
+    posix_spawn_file_actions_addopen(&fa, 3, ctty, O_RDWR, 0);
+    posix_spawn_file_actions_addclose(&fa, 3);
+  }
 
   posix_spawnattr_t attr;
   posix_spawnattr_init(&attr);
@@ -82,6 +97,34 @@ std::error_code spawn_piped(const std::vector<std::string>& argv, const std::str
   out.stdin_w = in_w.release();
   out.stdout_r = out_r.release();
   out.stderr_r = err_r.release();
+  return {};
+}
+
+}  // namespace
+
+std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out) {
+  return spawn_impl(argv, argv0, nullptr, out);
+}
+
+std::error_code spawn_with_tty(const std::vector<std::string>& argv, const std::string& argv0, spawned_tty& out) {
+  fd_guard master, slave;
+  master.fd = ::posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (master.fd < 0 || ::grantpt(master.fd) != 0 || ::unlockpt(master.fd) != 0)
+    return {errno, std::generic_category()};
+  char name[128];
+  if (int rc = ::ptsname_r(master.fd, name, sizeof name); rc != 0) return {rc, std::generic_category()};
+  slave.fd = ::open(name, O_RDWR | O_NOCTTY | O_CLOEXEC);
+  if (slave.fd < 0) return {errno, std::generic_category()};
+  // No echo: a password typed into the terminal must never come back to us (and so
+  // into a log line or an error message).
+  termios t{};
+  if (::tcgetattr(slave.fd, &t) == 0) {
+    t.c_lflag &= ~static_cast<tcflag_t>(ECHO | ECHONL);
+    ::tcsetattr(slave.fd, TCSANOW, &t);
+  }
+  if (auto ec = spawn_impl(argv, argv0, name, out)) return ec;
+  out.tty_master = master.release();
+  out.tty_slave = slave.release();
   return {};
 }
 

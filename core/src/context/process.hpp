@@ -24,6 +24,22 @@ struct spawned {
 /// dispositions, connected by pipes. Returns an error code (errno of exec) on failure.
 std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out);
 
+/// A started child with a terminal of its own besides the pipes.
+struct spawned_tty : spawned {
+  int tty_master = -1;  ///< our side of the terminal (O_CLOEXEC, blocking)
+  /// A descriptor on the terminal's child side, kept by us: while it is open, reading
+  /// tty_master never fails with EIO just because the child has not opened /dev/tty
+  /// yet (or has closed it). Keep it as long as tty_master is read.
+  int tty_slave = -1;
+};
+
+/// As spawn_piped(), and the child's controlling terminal is a new pseudo-terminal
+/// (echo off) whose master side is ours: programs that insist on a terminal for a
+/// password prompt (sudo, doas) open /dev/tty and get it, while stdin, stdout and
+/// stderr stay the pipes. Closing tty_master hangs the terminal up (SIGHUP to the
+/// child), so keep it open for the child's lifetime.
+std::error_code spawn_with_tty(const std::vector<std::string>& argv, const std::string& argv0, spawned_tty& out);
+
 /// Reap `pid` without blocking the broker: poll waitpid for up to `grace`, then
 /// SIGKILL and reap. `done` runs on the broker thread when the child is gone.
 void reap_child(const std::shared_ptr<broker>& b, pid_t pid, std::chrono::milliseconds grace,
