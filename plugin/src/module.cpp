@@ -33,4 +33,5 @@ PYBIND11_MODULE(_native, m) {
   register_broker(m);
   register_router(m);
   register_context(m);
+  register_channels(m);
 }
