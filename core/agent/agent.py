@@ -1528,6 +1528,7 @@ class Receiver(object):
         self.policy = policy
         self.respondent = getattr(respondent, 'context_id', respondent)
         self._latch = Latch()
+        self._dead = None           # the dead message that ended the channel
         if handle is None:
             handle = _inbox.new_handle()
         elif not overwrite and handle in _inbox._handlers:
@@ -1583,9 +1584,11 @@ class Receiver(object):
         try:
             msg = self._latch.get(timeout=timeout, block=block)
         except LatchError:
+            if self._dead is not None:
+                self._dead.unpickle()   # keep answering with the same error
             raise ChannelError(self.closed_msg)
         if msg.is_dead and throw_dead:
-            # Keep answering with the same error.
+            self._dead = msg
             self._latch.close()
             msg.unpickle()
         return msg

@@ -29,8 +29,9 @@ struct handler_options {
   /// If set, only messages from this context are accepted, and the handler gets a dead
   /// message when this context disconnects.
   std::optional<std::uint32_t> respondent;
-  /// If set, called (broker thread, must not block) for each message from another
-  /// context; false drops it (logged once per sender; a dead reply if it asked for one).
+  /// If set, called (broker thread, with the router's handler lock held: it must be
+  /// quick and must not call the router) for each message from another context;
+  /// false drops it (logged once per sender; a dead reply if it asked for one).
   std::function<bool(const wire::message&)> policy;
   /// Replace a handler already registered on `handle`; if false, add_handler throws
   /// mitogen::error instead.
