@@ -339,3 +339,12 @@ def test_child_select_and_latch(router):
     assert waited is not None and 0.18 <= waited < 3
     waited = ctx.call(ch.receiver_timeout, 0.2)
     assert waited is not None and 0.18 <= waited < 3
+
+
+def test_ctrl_c_interrupts_blocked_receiver_and_select(router):
+    recv = Receiver(router)
+    for wait in (lambda: recv.get(), lambda: Select([recv]).get()):
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        _wait_raises(wait, KeyboardInterrupt, 2.5)
+        timer.join()
