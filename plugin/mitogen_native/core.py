@@ -151,6 +151,8 @@ class LatchError(Error):
 
 from mitogen_native._channels import (  # noqa: E402  (needs the classes above)
     Message, Receiver, Channel, Latch, _Handlers)
+for _cls in (Message, Receiver, Channel, Latch):
+    _cls.__module__ = __name__
 
 #: A running context: ``call()``, ``call_async()``, ``call_no_reply()``,
 #: ``shutdown()``. Contexts may be passed to and returned from calls.
@@ -159,6 +161,7 @@ Context = _native.Context
 #: channel :class:`Receiver` above is a different class: its ``get()`` returns
 #: a :class:`Message`, as upstream's does.)
 CallReceiver = _native.Receiver
+CallReceiver.__name__ = CallReceiver.__qualname__ = 'CallReceiver'
 for _cls in (Context, CallReceiver):
     _cls.__module__ = __name__
 del _cls
