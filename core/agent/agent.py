@@ -467,7 +467,7 @@ class Message(object):
         return self.reply_to == IS_DEAD
 
     def unpickle(self, throw=True, throw_dead=True):
-        """The value carried (channels; see _Channels below)."""
+        """The value carried (see the Channels section)."""
         if self.is_dead:
             if throw_dead:
                 raise ChannelError(bytes(self.data).decode('utf-8', 'replace')
@@ -1329,8 +1329,10 @@ class _LoggingLoader(object):
 # upstream's; remote code imports it as `mitogen.select` (registered in
 # sys.modules below). Sender.send() encodes and writes on the calling thread.
 #
-# This section only reads the inbox's state the way _Inbox.wait() does; it
-# adds no state to _Inbox.
+# _chan_wait() is _Inbox.wait() plus a timeout and the wake pipe: it takes and
+# hands over the reader role through the same _Inbox fields (_reading, _leader,
+# _sleeping, _step_down), so a change to that protocol must be made in both.
+# It adds no state to _Inbox.
 
 class LatchError(Error):
     """The Latch was closed."""
