@@ -123,10 +123,24 @@ class Secret(str):
 
 
 class Sender(object):
-    """Where messages to one handle of one context go (used by later APIs)."""
+    """Where messages to one handle of one context go: the writing end of a
+    channel (see docs/channels.md). Senders may be passed to and returned from
+    calls; handing one of this program's Senders to a context is what allows
+    that context to send to it."""
     def __init__(self, context, dst_handle):
         self.context = context
         self.dst_handle = dst_handle
+
+    def send(self, data):
+        """Send `data` (any serializable value) to the receiver."""
+        _native._send(self.context, self.dst_handle, data)
+
+    explicit_close_msg = 'Sender was explicitly closed'
+
+    def close(self):
+        """End the channel: the receiver's get() raises ChannelError once it
+        has returned what was sent before."""
+        _native._send_dead(self.context, self.dst_handle, self.explicit_close_msg)
 
     def __repr__(self):
         return 'Sender(%r, %r)' % (self.context, self.dst_handle)
@@ -145,12 +159,24 @@ class _DEAD(object):
         return 'mitogen_native.core._DEAD'
 
 
+class LatchError(Error):
+    """The Latch was closed."""
+
+
+from mitogen_native._channels import (  # noqa: E402  (needs the classes above)
+    Message, Receiver, Channel, Latch, _Handlers)
+for _cls in (Message, Receiver, Channel, Latch):
+    _cls.__module__ = __name__
+
 #: A running context: ``call()``, ``call_async()``, ``call_no_reply()``,
 #: ``shutdown()``. Contexts may be passed to and returned from calls.
 Context = _native.Context
-#: What ``Context.call_async()`` returns; ``get()`` gives the result.
-Receiver = _native.Receiver
-for _cls in (Context, Receiver):
+#: What ``Context.call_async()`` returns; ``get()`` gives the result. (The
+#: channel :class:`Receiver` above is a different class: its ``get()`` returns
+#: a :class:`Message`, as upstream's does.)
+CallReceiver = _native.Receiver
+CallReceiver.__name__ = CallReceiver.__qualname__ = 'CallReceiver'
+for _cls in (Context, CallReceiver):
     _cls.__module__ = __name__
 del _cls
 

@@ -234,6 +234,32 @@ class Router(_native.Router):
             remote_name=remote_name, connect_timeout=connect_timeout, debug=debug,
             name=name))
 
+    def myself(self):
+        """A Context for this program (context id 0), e.g. for Senders."""
+        return self.context_by_id(self.context_id, 'master')
+
+    def add_handler(self, fn, handle=None, persist=True, policy=None,
+                    respondent=None, overwrite=False):
+        """Call ``fn(msg)`` for each :class:`mitogen_native.core.Message` sent
+        to `handle` (a fresh one if None; returned). fn runs on this router's
+        handler thread (one daemon thread, never the broker's): it may block,
+        but delays this router's other handlers meanwhile. A dead message is
+        passed too (``msg.is_dead``) when the channel ends, after which the
+        handler is gone. Who may send: as for :class:`Receiver`
+        (docs/channels.md)."""
+        handlers = self.__dict__.get('_handlers')
+        if handlers is None:
+            handlers = self.__dict__.setdefault('_handlers', core._Handlers(self))
+        return handlers.add(fn, handle, persist, policy, respondent, overwrite)
+
+    def del_handler(self, handle):
+        """Remove the handler of `handle` (added by add_handler or a Receiver).
+
+        :raises KeyError: no handler added by add_handler() has that handle."""
+        handlers = self.__dict__.get('_handlers')
+        if handlers is None or not handlers.remove(handle):
+            raise KeyError(handle)
+
     def enable_debug(self):
         """Turn on debug logs: this program's go to ``/tmp/mitogen.<pid>.log``, and
         every context started afterwards writes its own to

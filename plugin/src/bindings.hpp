@@ -97,6 +97,30 @@ wire::kwargs kwargs_to_wire(const py::kwargs& kw);
 /// wire -> Python; contexts in `v` are bound to `router` (a Python Router). GIL held.
 py::object from_wire(wire::value&& v, const py::object& router);
 
+// ---- channels (channel.cpp)
+
+/// Called by to_wire() for each Sender it converts. If a grant_scope is open on this
+/// thread and the Sender points at one of our own handles that a channel receiver
+/// owns, the scope remembers it. GIL held.
+void note_sender(const mitogen::context& target, std::uint32_t handle);
+
+/// Collects the Senders converted while it is open (on this thread); apply() lets
+/// the context the converted value goes to send to their handles. Open one around
+/// the conversion of anything sent to a context, and apply() before sending it.
+class grant_scope {
+ public:
+  grant_scope();
+  ~grant_scope();
+  grant_scope(const grant_scope&) = delete;
+  grant_scope& operator=(const grant_scope&) = delete;
+  void apply(std::uint32_t dst_context);
+
+ private:
+  friend void note_sender(const mitogen::context&, std::uint32_t);
+  grant_scope* prev_;
+  std::vector<std::pair<std::shared_ptr<mitogen::router>, std::uint32_t>> notes_;
+};
+
 // ---- GIL and waiting (gil.cpp)
 
 /// Releases the GIL for its lifetime, like py::gil_scoped_release, except that a
@@ -138,6 +162,7 @@ void register_broker(py::module_& m);
 void register_router(py::module_& m);
 void register_context(py::module_& m);
 void register_files(py::module_& m);  ///< after register_context: adds Context methods
+void register_channels(py::module_& m);
 
 /// Build a Python Context for `ctx`, bound to `router`. GIL held.
 py::object make_context(mitogen::context ctx, const py::object& router);

@@ -122,12 +122,15 @@ void describe_fn(PyObject* fn, mitogen::call_spec& spec) {
   spec.function = std::move(*name);
 }
 
-mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const char* method) {
+mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const char* method, const py_context& dst) {
   if (args.empty()) throw py::type_error(std::string(method) + "() missing the function to call");
   mitogen::call_spec spec;
   describe_fn(PySequence_Fast_ITEMS(args.ptr())[0], spec);
+  // Senders of ours among the arguments let `dst` send to their handles (channels).
+  grant_scope grants;
   spec.args = args_to_wire(args, 1);
   spec.kwargs = kwargs_to_wire(kw);
+  grants.apply(dst.ctx.id());
   return spec;
 }
 
@@ -145,7 +148,7 @@ py::object result_of(const py_context& c, const wire::message& m) {
 }
 
 py::object call(const py_context& c, const py::args& args, const py::kwargs& kw) {
-  mitogen::call_spec spec = make_spec(args, kw, "call");
+  mitogen::call_spec spec = make_spec(args, kw, "call", c);
   std::shared_ptr<mitogen::receiver> rx;
   std::optional<wire::message> m;
   {
@@ -189,7 +192,7 @@ void register_context(py::module_& m) {
       .def(
           "call_async",
           [](const py_context& c, const py::args& args, const py::kwargs& kw) {
-            mitogen::call_spec spec = make_spec(args, kw, "call_async");
+            mitogen::call_spec spec = make_spec(args, kw, "call_async", c);
             std::shared_ptr<mitogen::receiver> rx;
             {
               nogil g;
@@ -201,7 +204,7 @@ void register_context(py::module_& m) {
       .def(
           "call_no_reply",
           [](const py_context& c, const py::args& args, const py::kwargs& kw) {
-            mitogen::call_spec spec = make_spec(args, kw, "call_no_reply");
+            mitogen::call_spec spec = make_spec(args, kw, "call_no_reply", c);
             nogil g;
             c.ctx.call_no_reply(spec);
           },
@@ -233,7 +236,7 @@ void register_context(py::module_& m) {
         return std::hash<std::uint32_t>()(c.ctx.id()) ^ std::hash<const void*>()(c.ctx.get_router().get());
       });
 
-  py::class_<py_receiver>(m, "Receiver", "The pending result of call_async().")
+  py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
       .def(
           "get",
           [](py_receiver& self, std::optional<double> timeout) {

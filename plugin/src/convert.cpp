@@ -159,7 +159,10 @@ wire::value convert(PyObject* o, const path_node* where, int depth) {
     py::handle h(o);
     py::object ctx = h.attr("context");
     if (!py::isinstance<py_context>(ctx)) refuse(o, where);
-    return wire::sender_ref{ctx.cast<const py_context&>().ctx.id(), h.attr("dst_handle").cast<std::uint32_t>()};
+    const auto& c = ctx.cast<const py_context&>().ctx;
+    auto handle = h.attr("dst_handle").cast<std::uint32_t>();
+    note_sender(c, handle);  // whoever receives this Sender may send to our handle
+    return wire::sender_ref{c.id(), handle};
   }
   refuse(o, where);
 }

@@ -34,4 +34,5 @@ PYBIND11_MODULE(_native, m) {
   register_router(m);
   register_context(m);
   register_files(m);
+  register_channels(m);
 }

@@ -23,12 +23,43 @@ receiver::~receiver() {
 }
 
 void receiver::push(wire::message&& m) {
+  std::function<void()> notify;
   {
     std::lock_guard lk(mu_);
     q_.push_back(std::move(m));
     pending_.store(true, std::memory_order_release);
+    notify = notify_;
   }
-  cv_.notify_one();
+  cv_.notify_all();
+  if (notify) notify();
+}
+
+void receiver::close(const std::string& reason) {
+  if (auto r = router_.lock()) r->del_handler(handle_);
+  std::function<void()> notify;
+  {
+    std::lock_guard lk(mu_);
+    if (dead_ && q_.empty()) return;
+    q_.clear();
+    auto m = wire::message::dead(0, handle_, reason);
+    if (auto r = router_.lock()) m.src_id = m.dst_id = r->context_id();
+    dead_ = std::move(m);
+    pending_.store(true, std::memory_order_release);
+    notify = notify_;
+  }
+  cv_.notify_all();
+  if (notify) notify();
+}
+
+std::size_t receiver::size() {
+  std::lock_guard lk(mu_);
+  return q_.empty() && dead_ ? 1 : q_.size();
+}
+
+std::size_t receiver::set_notify(std::function<void()> fn) {
+  std::lock_guard lk(mu_);
+  notify_ = std::move(fn);
+  return q_.empty() && dead_ ? 1 : q_.size();
 }
 
 wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> timeout) {
@@ -92,7 +123,13 @@ router::~router() { broker_->remove_shutdown_hook(hook_id_); }
 std::uint32_t router::add_handler(handler_fn fn, handler_options opts) {
   std::lock_guard lk(handlers_mu_);
   std::uint32_t h = opts.handle ? opts.handle : next_handle_.fetch_add(1);
-  handlers_[h] = handler_entry{std::move(fn), opts.persist, opts.respondent};
+  if (!opts.overwrite && handlers_.count(h))
+    throw error("mitogen: handle " + std::to_string(h) + " already has a handler");
+  if (auto old = handlers_.find(h); old != handlers_.end() && old->second.respondent) {
+    auto rit = by_respondent_.find(*old->second.respondent);
+    if (rit != by_respondent_.end()) rit->second.erase(h);
+  }
+  handlers_[h] = handler_entry{std::move(fn), opts.persist, opts.respondent, std::move(opts.policy)};
   if (opts.respondent) by_respondent_[*opts.respondent].insert(h);
   return h;
 }
@@ -112,13 +149,24 @@ void router::del_handler(std::uint32_t handle) {
 }
 
 std::shared_ptr<receiver> router::make_receiver(std::optional<std::uint32_t> respondent, bool persist) {
-  std::uint32_t h = next_handle_.fetch_add(1);
+  return make_receiver(handler_options{.handle = 0, .persist = persist, .respondent = respondent});
+}
+
+std::shared_ptr<receiver> router::make_receiver(handler_options opts) {
+  // An explicit handle is checked (and taken) by add_handler; a fresh one is ours.
+  std::uint32_t h = opts.handle ? opts.handle : next_handle_.fetch_add(1);
+  opts.handle = h;
   auto rx = std::shared_ptr<receiver>(new receiver(weak_from_this(), h));
   std::weak_ptr<receiver> weak = rx;
-  add_handler([weak](wire::message&& m) {
-                if (auto r = weak.lock()) r->push(std::move(m));
-              },
-              {.handle = h, .persist = persist, .respondent = respondent});
+  try {
+    add_handler([weak](wire::message&& m) {
+                  if (auto r = weak.lock()) r->push(std::move(m));
+                },
+                std::move(opts));
+  } catch (...) {
+    rx->router_.reset();  // the handle belongs to someone else: do not remove it
+    throw;
+  }
   // A receiver made after shutdown must not wait forever.
   if (shut_down_.load()) deliver_dead(h, "router shut down");
   return rx;
@@ -180,6 +228,16 @@ void router::deliver_local(wire::message&& m) {
       if (first_complaint(m.src_id, peer_state::foreign_handle))
         spdlog::warn("mitogen: context {} sent to handle {} reserved for context {}; dropped (logged once)",
                      m.src_id, m.handle, *e.respondent);
+      return;
+    }
+    if (e.policy && m.src_id != my_id_ && !e.policy(m)) {
+      if (first_complaint(m.src_id, peer_state::refused_by_policy))
+        spdlog::warn("mitogen: context {} may not send to handle {}; dropped (logged once)", m.src_id, m.handle);
+      if (m.reply_to && !m.is_dead()) {
+        auto dead = wire::message::dead(m.src_id, m.reply_to, "refused by the policy of handle " + std::to_string(m.handle));
+        dead.src_id = dead.auth_id = my_id_;
+        if (auto s = stream_for(m.src_id)) s->send(dead);
+      }
       return;
     }
     if (e.persist && !m.is_dead()) {

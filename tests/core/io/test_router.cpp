@@ -160,3 +160,73 @@ TEST_CASE("broker shutdown releases callers and sends SHUTDOWN", "[router]") {
   auto late = t.r->make_receiver(std::nullopt, false);
   CHECK(late->get(1s).is_dead());
 }
+
+// ---- channels: handler policies, explicit handles, receiver close/size/notify
+
+TEST_CASE("a handler's policy drops what it refuses and answers a dead reply", "[router][channels]") {
+  rig t;
+  std::atomic<int> asked{0};
+  handler_options o;
+  o.policy = [&](const wire::message& m) {
+    ++asked;
+    return m.data == "allowed";
+  };
+  auto rx = t.r->make_receiver(std::move(o));
+  auto m = request(0, rx->handle(), "forged");
+  m.src_id = m.auth_id = t.id;
+  m.reply_to = 4242;
+  t.child.send(m);
+  auto dead = t.child.recv();
+  CHECK(dead.is_dead());
+  CHECK(dead.handle == 4242);
+  CHECK(dead.data.find("refused by the policy") != std::string::npos);
+  m.data = "allowed";
+  m.reply_to = 0;
+  t.child.send(m);
+  auto got = rx->get(5s);
+  CHECK(got.data == "allowed");
+  CHECK(asked.load() == 2);
+  CHECK(rx->size() == 0);
+}
+
+TEST_CASE("an explicit handle that is taken is refused unless overwrite", "[router][channels]") {
+  rig t;
+  auto rx = t.r->make_receiver(std::nullopt, true);
+  handler_options o;
+  o.handle = rx->handle();
+  o.overwrite = false;
+  CHECK_THROWS_AS(t.r->make_receiver(o), mitogen::error);
+  // The refused attempt did not remove the first receiver's handler.
+  t.r->route(request(0, rx->handle(), "still mine"));
+  CHECK(rx->get(5s).data == "still mine");
+}
+
+TEST_CASE("receiver close wakes a blocked get, notify counts pushes", "[router][channels]") {
+  rig t;
+  auto rx = t.r->make_receiver(std::nullopt, true);
+  t.r->route(request(0, rx->handle(), "queued"));
+  while (rx->size() == 0) std::this_thread::sleep_for(1ms);
+  std::atomic<int> notified{0};
+  CHECK(rx->set_notify([&] { ++notified; }) == 1);
+  t.r->route(request(0, rx->handle(), "second"));
+  CHECK(rx->get(5s).data == "queued");
+  CHECK(rx->get(5s).data == "second");
+  CHECK(notified.load() == 1);
+  std::thread closer([&] {
+    std::this_thread::sleep_for(100ms);
+    rx->close("closed here");
+  });
+  auto t0 = std::chrono::steady_clock::now();
+  auto m = rx->get(5s);
+  closer.join();
+  CHECK(m.is_dead());
+  CHECK(m.data == "closed here");
+  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  CHECK(notified.load() == 2);
+  CHECK(rx->size() == 1);            // the dead message, answered again
+  CHECK(rx->get(1s).data == "closed here");
+  // The handle is gone: later messages find no handler.
+  t.r->route(request(0, rx->handle(), "late"));
+  std::this_thread::sleep_for(50ms);
+  CHECK(rx->get(1s).is_dead());
+}

@@ -5,6 +5,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -38,6 +39,19 @@ class receiver {
   /// Called on the broker thread by the router.
   void push(wire::message&& m);
 
+  /// End the channel locally: drop what is queued and answer every get(), now and
+  /// later, with a dead message carrying `reason`. Also removes the handler. Any thread.
+  void close(const std::string& reason);
+
+  /// Messages queued (a dead message that ended the channel counts as one).
+  std::size_t size();
+
+  /// Have `fn` called after every push()/close() (on the pushing thread, the broker's
+  /// usually, without the receiver's lock; it must not block). Returns size() at the
+  /// moment it was installed, so the caller can account for what is already queued.
+  /// An empty `fn` removes the notification.
+  std::size_t set_notify(std::function<void()> fn);
+
   /// How long get() watches for a message before sleeping.
   static constexpr std::chrono::microseconds spin_for{0};
 
@@ -51,6 +65,7 @@ class receiver {
   std::condition_variable cv_;
   std::deque<wire::message> q_;
   std::optional<wire::message> dead_;
+  std::function<void()> notify_;  ///< guarded by mu_; called without it
   std::atomic<bool> pending_{false};  ///< q_ non-empty (read without the lock while spinning)
 };
 

@@ -31,6 +31,13 @@ struct handler_options {
   /// If set, only messages from this context are accepted, and the handler gets a dead
   /// message when this context disconnects.
   std::optional<std::uint32_t> respondent;
+  /// If set, called (broker thread, with the router's handler lock held: it must be
+  /// quick and must not call the router) for each message from another context;
+  /// false drops it (logged once per sender; a dead reply if it asked for one).
+  std::function<bool(const wire::message&)> policy;
+  /// Replace a handler already registered on `handle`; if false, add_handler throws
+  /// mitogen::error instead.
+  bool overwrite = true;
 };
 
 /// Where forwarded log records go. Called on the broker thread.
@@ -56,6 +63,8 @@ class router : public std::enable_shared_from_this<router> {
   void del_handler(std::uint32_t handle);
   /// A receiver registered on a fresh handle.
   std::shared_ptr<receiver> make_receiver(std::optional<std::uint32_t> respondent, bool persist);
+  /// A receiver registered with these options (handle 0: a fresh one).
+  std::shared_ptr<receiver> make_receiver(handler_options opts);
 
   /// Send a message (src_id/auth_id are set to ours). Any thread. If it cannot be
   /// delivered and has a reply_to, a dead message is delivered to that handle.
@@ -123,6 +132,7 @@ class router : public std::enable_shared_from_this<router> {
     handler_fn fn;
     bool persist;
     std::optional<std::uint32_t> respondent;
+    std::function<bool(const wire::message&)> policy;
   };
   struct route_entry {
     std::string name;
@@ -138,7 +148,7 @@ class router : public std::enable_shared_from_this<router> {
   /// What a child has done wrong, so each kind of misbehaviour is logged once, and
   /// its log-forwarding budget. Broker thread only.
   struct peer_state {
-    enum : unsigned { spoofed = 1, foreign_handle = 2, flooding = 4, misrouted = 8, bad_route = 16, bad_alloc = 32 };
+    enum : unsigned { spoofed = 1, foreign_handle = 2, flooding = 4, misrouted = 8, bad_route = 16, bad_alloc = 32, refused_by_policy = 64 };
     unsigned warned = 0;
     double log_tokens = log_burst;
     std::chrono::steady_clock::time_point log_refill = std::chrono::steady_clock::now();
