@@ -1586,8 +1586,15 @@ _respondents = {}     # our reply handle -> the descendant it waits on
 def _expect_reply(handle, respondent):
     """Have the slot of reply handle `handle` (see _Inbox.open_slot) get a
     dead message if `respondent`, a context reached through one of our
-    children, goes away before close_slot(handle)."""
-    _respondents[handle] = respondent
+    children, goes away before close_slot(handle) -- or at once if it is
+    already gone (it may die before the waiter gets this far)."""
+    with _route_lock:
+        _respondents[handle] = respondent
+        routed = respondent in _routes
+    if not routed:
+        _fail_waiters([respondent], 'context %d disconnected (or was never '
+                      'connected)' %
+                      (respondent,))
 
 
 def _forward_up(msg):
