@@ -145,14 +145,12 @@ class Router(_native.Router):
     # -- sudo / su / doas (docs/become.md) ------------------------------------
 
     def _become_start(self, method, via, options):
-        if via is not None:
-            raise NotImplementedError(
-                'via= for %s (starting it from inside another context) is not '
-                'available yet' % (method,))
         o = dict(options)
+        o['via'] = via
         python_path = o.get('python_path')
         if python_path is None:
-            o['python_path'] = [sys.executable or '/usr/bin/python3']
+            # Through via=, the intermediary's own interpreter (docs/via.md).
+            o['python_path'] = [] if via is not None else [sys.executable or '/usr/bin/python3']
         elif isinstance(python_path, str):
             o['python_path'] = [python_path]
         else:

@@ -186,6 +186,7 @@ void register_router(py::module_& m) {
                 o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
               o.debug = get("debug").cast<bool>();
               o.log_level = get("log_level").cast<int>();
+              o.via = via_context(pr, get("via"));
             };
             std::function<mitogen::context()> connect;
             auto r = pr.r;

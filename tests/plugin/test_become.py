@@ -129,8 +129,8 @@ def test_unsupported_sudo_arg(fx, router):
         router.sudo(sudo_args=['-X'])
 
 
-def test_via_is_not_available_yet(router):
-    with pytest.raises(NotImplementedError, match='via= for sudo'):
+def test_via_must_be_a_context(router):
+    with pytest.raises(TypeError, match='via= must be a Context'):
         router.sudo(via=object())
 
 

@@ -28,3 +28,15 @@ def forge(dst_id, handle, src_id, data):
     """Write a frame claiming to come from `src_id`, straight to our parent."""
     c._forward_up(c.Message(dst_id, src_id, src_id, handle, 0, data))
     return True
+
+
+def cmdline_contains_upwards(pid, text):
+    """Whether `text` appears on the command line of `pid` or any ancestor."""
+    needle = text.encode()
+    while pid > 1:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            if needle in f.read():
+                return True
+        with open('/proc/%d/stat' % pid) as f:
+            pid = int(f.read().rsplit(')', 1)[1].split()[1])
+    return False

@@ -23,9 +23,35 @@
 #include "bootstrap.hpp"
 #include "mitogen/errors.hpp"
 #include "process.hpp"
+#include "via.hpp"
 
 namespace mitogen {
 namespace {
+
+/// The options a become method's agent-side twin (agent.py, _spawn_sudo/_su/_doas)
+/// takes, for via=. The password travels as a Secret inside the call that starts
+/// the child, over the already-established connection; it is never logged.
+wire::dict become_via_options(const become_options& o) {
+  wire::dict d;
+  auto put = [&](const char* k, wire::value v) { d.items.emplace_back(wire::str{k}, std::move(v)); };
+  auto list = [](const std::vector<std::string>& v) {
+    wire::list l;
+    for (const auto& s : v) l.items.emplace_back(wire::str{s});
+    return l;
+  };
+  if (o.username) put("username", wire::str{*o.username});
+  if (o.password) put("password", wire::secret{*o.password});
+  if (!o.password_prompts.empty()) put("password_prompts", list(o.password_prompts));
+  if (!o.incorrect_prompts.empty()) put("incorrect_prompts", list(o.incorrect_prompts));
+  if (!o.not_allowed_prompts.empty()) put("not_allowed_prompts", list(o.not_allowed_prompts));
+  return d;
+}
+
+void check_password(const become_options& o, const std::string& method) {
+  // The answer is one line: a line break inside would answer the next prompt too.
+  if (o.password && o.password->find_first_of("\r\n") != std::string::npos)
+    throw error("mitogen: " + method + ": the password must not contain a line break");
+}
 
 std::string lower_ascii(std::string_view s) {
   std::string out(s);
@@ -334,9 +360,7 @@ context become(router& r, const become_options& o, const std::string& method, co
   const std::string name = method + "." + target;
   const std::string remote_name = o.remote_name.value_or(default_remote_name());
 
-  // The answer is one line: a line break inside would answer the next prompt too.
-  if (o.password && o.password->find_first_of("\r\n") != std::string::npos)
-    throw error("mitogen: " + method + ": the password must not contain a line break");
+  check_password(o, method);
 
   detail::spawned_tty child;
   if (auto ec = detail::spawn_with_tty(argv, argv.front(), child))
@@ -487,6 +511,16 @@ context sudo(router& r, const sudo_options& opts) {
   detail::check_can_connect(r, "sudo");
   sudo_options o = parse_sudo_args(opts);
   const std::string target = o.username.value_or("root");
+  if (o.via) {
+    check_password(o, "sudo");
+    auto d = become_via_options(o);
+    d.items.emplace_back(wire::str{"sudo_path"}, wire::str{o.sudo_path});
+    for (auto [k, on] : {std::pair{"preserve_env", o.preserve_env}, {"set_home", o.set_home}, {"login", o.login}})
+      if (on) d.items.emplace_back(wire::str{k}, true);
+    if (o.selinux_role) d.items.emplace_back(wire::str{"selinux_role"}, wire::str{*o.selinux_role});
+    if (o.selinux_type) d.items.emplace_back(wire::str{"selinux_type"}, wire::str{*o.selinux_type});
+    return detail::connect_via(r, o, "sudo", std::move(d));
+  }
   auto argv = sudo_command(o, python_command(o, o.remote_name.value_or(default_remote_name())));
   return become(r, o, "sudo", target, argv);
 }
@@ -494,6 +528,12 @@ context sudo(router& r, const sudo_options& opts) {
 context su(router& r, const su_options& o) {
   detail::check_can_connect(r, "su");
   const std::string target = o.username.value_or("root");
+  if (o.via) {
+    check_password(o, "su");
+    auto d = become_via_options(o);
+    d.items.emplace_back(wire::str{"su_path"}, wire::str{o.su_path});
+    return detail::connect_via(r, o, "su", std::move(d));
+  }
   // su runs its argument through the target's shell.
   std::string cmd;
   for (const auto& a : python_command(o, o.remote_name.value_or(default_remote_name())))
@@ -504,6 +544,12 @@ context su(router& r, const su_options& o) {
 context doas(router& r, const doas_options& o) {
   detail::check_can_connect(r, "doas");
   const std::string target = o.username.value_or("root");
+  if (o.via) {
+    check_password(o, "doas");
+    auto d = become_via_options(o);
+    d.items.emplace_back(wire::str{"doas_path"}, wire::str{o.doas_path});
+    return detail::connect_via(r, o, "doas", std::move(d));
+  }
   std::vector<std::string> argv = {o.doas_path, "-u", target, "--"};
   auto py = python_command(o, o.remote_name.value_or(default_remote_name()));
   argv.insert(argv.end(), py.begin(), py.end());

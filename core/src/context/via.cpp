@@ -16,6 +16,9 @@ std::error_code code_named(const std::string& s) {
   if (s == "spawn_failed") return make_error_code(errc::spawn_failed);
   if (s == "connect_timeout") return make_error_code(errc::connect_timeout);
   if (s == "child_died") return make_error_code(errc::child_died);
+  if (s == "become_password_wrong") return make_error_code(errc::become_password_wrong);
+  if (s == "become_password_required") return make_error_code(errc::become_password_required);
+  if (s == "become_not_allowed") return make_error_code(errc::become_not_allowed);
   return make_error_code(errc::bootstrap_failed);
 }
 
