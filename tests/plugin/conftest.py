@@ -59,3 +59,19 @@ def run_script(code, timeout=30, **kwargs):
     import subprocess
     return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def sshd():
+    """A loopback sshd for this test module (servers.py)."""
+    import servers
+    with servers.started(servers.SSHD_FIXTURE) as info:
+        yield info
+
+
+@pytest.fixture(scope='module')
+def become_users():
+    """Users and sudoers/doas rules for the sudo/su/doas tests (servers.py)."""
+    import servers
+    with servers.started(servers.BECOME_FIXTURE) as info:
+        yield info

@@ -1,37 +1,16 @@
 """router.ssh() through the Python API, against a throw-away loopback sshd
 (tests/core/ssh/sshd_fixture.py; needs root, as CI has)."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import mitogen_native.core
 import mitogen_native.master
 
-FIXTURE = os.path.join(os.path.dirname(__file__), '..', 'core', 'ssh', 'sshd_fixture.py')
+from servers import CAN_RUN_SSHD
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists('/usr/sbin/sshd'),
-    reason='needs root and openssh-server for a loopback sshd')
-
-
-@pytest.fixture(scope='module')
-def sshd():
-    out = subprocess.run([sys.executable, FIXTURE, 'start'], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    info = json.loads(out)
-    yield info
-    subprocess.run([sys.executable, FIXTURE, 'stop', info['dir']], timeout=60)
-
-
-@pytest.fixture
-def router():
-    broker = mitogen_native.master.Broker()
-    yield mitogen_native.master.Router(broker)
-    broker.shutdown()
-    broker.join()
+    not CAN_RUN_SSHD, reason='needs root and openssh-server for a loopback sshd')
 
 
 def test_key_login_runs_code_as_the_remote_user(sshd, router):

@@ -3,11 +3,8 @@ API: who spawned whom, modules two hops away served from the intermediary's
 cache, failure fan-out when an intermediary dies, DEL_ROUTE on a normal exit,
 sibling messages and their source checks, SSH at either end of a hop."""
 import getpass
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +14,7 @@ import mitogen_native.master
 import via_helpers
 from conftest import pid_alive
 
-FIXTURE = os.path.join(os.path.dirname(__file__), '..', 'core', 'ssh', 'sshd_fixture.py')
+from servers import CAN_RUN_SSHD, ssh_kwargs
 
 
 def test_three_level_chain_each_started_by_its_parent(router):
@@ -152,23 +149,7 @@ def test_unknown_via_and_failed_starts_are_clear(router):
 
 
 needs_sshd = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists('/usr/sbin/sshd'),
-    reason='needs root and openssh-server for a loopback sshd')
-
-
-@pytest.fixture(scope='module')
-def sshd():
-    out = subprocess.run([sys.executable, FIXTURE, 'start'], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    info = json.loads(out)
-    yield info
-    subprocess.run([sys.executable, FIXTURE, 'stop', info['dir']], timeout=60)
-
-
-def ssh_kwargs(sshd):
-    return dict(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
-                identity_file=sshd['identity_file'], known_hosts_file=sshd['known_hosts'],
-                connect_timeout=20)
+    not CAN_RUN_SSHD, reason='needs root and openssh-server for a loopback sshd')
 
 
 @needs_sshd

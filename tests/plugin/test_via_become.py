@@ -5,7 +5,6 @@ the program under a terminal of its own and answers the prompt
 Against the loopback sshd (tests/core/ssh/sshd_fixture.py) and the users and
 sudoers rule of tests/core/become/become_fixture.py: `mitogen-test` may sudo to
 anyone, with its password."""
-import json
 import os
 import signal
 import subprocess
@@ -19,50 +18,17 @@ import mitogen_native.master
 
 import via_helpers
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SSHD_FIXTURE = os.path.join(HERE, '..', 'core', 'ssh', 'sshd_fixture.py')
-BECOME_FIXTURE = os.path.join(HERE, '..', 'core', 'become', 'become_fixture.py')
+from servers import CAN_RUN_SSHD, SSHD_FIXTURE, ssh_kwargs
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.exists('/usr/sbin/sshd'),
-    reason='needs root and openssh-server for a loopback sshd and test users')
-
-
-def _start(fixture):
-    out = subprocess.run([sys.executable, fixture, 'start'], check=True,
-                         capture_output=True, text=True, timeout=60).stdout
-    return json.loads(out)
-
-
-@pytest.fixture(scope='module')
-def become():
-    info = _start(BECOME_FIXTURE)
-    yield info
-    subprocess.run([sys.executable, BECOME_FIXTURE, 'stop', info['dir']], timeout=60)
-
-
-@pytest.fixture(scope='module')
-def sshd(become):   # after become: the sudoers rule exists
-    info = _start(SSHD_FIXTURE)
-    yield info
-    subprocess.run([sys.executable, SSHD_FIXTURE, 'stop', info['dir']], timeout=60)
-
-
-@pytest.fixture
-def router():
-    broker = mitogen_native.master.Broker()
-    yield mitogen_native.master.Router(broker)
-    broker.shutdown()
-    broker.join()
+    not CAN_RUN_SSHD, reason='needs root and openssh-server for a loopback sshd and test users')
 
 
 def ssh_as_test_user(router, sshd):
-    return router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
-                      identity_file=sshd['identity_file'],
-                      known_hosts_file=sshd['known_hosts'], connect_timeout=20)
+    return router.ssh(**ssh_kwargs(sshd))
 
 
-def test_ssh_then_sudo_then_call(router, sshd):
+def test_ssh_then_sudo_then_call(router, sshd, become_users):
     s = ssh_as_test_user(router, sshd)
     assert s.call(os.getuid) != 0
     root = router.sudo(via=s, password=sshd['password'], connect_timeout=20)
@@ -73,7 +39,7 @@ def test_ssh_then_sudo_then_call(router, sshd):
     assert not root.call(via_helpers.cmdline_contains_upwards, pid, sshd['password'])
 
 
-def test_three_levels_ssh_sudo_local(router, sshd):
+def test_three_levels_ssh_sudo_local(router, sshd, become_users):
     s = ssh_as_test_user(router, sshd)
     root = router.sudo(via=s, password=sshd['password'], connect_timeout=20)
     leaf = router.local(via=root)
@@ -83,7 +49,7 @@ def test_three_levels_ssh_sudo_local(router, sshd):
     assert leaf.call(sum, [1, 2, 3]) == 6
 
 
-def test_wrong_password_through_ssh_is_a_password_error(router, sshd):
+def test_wrong_password_through_ssh_is_a_password_error(router, sshd, become_users):
     s = ssh_as_test_user(router, sshd)
     t0 = time.monotonic()
     with pytest.raises(mitogen_native.core.PasswordError, match='incorrect'):
@@ -94,25 +60,25 @@ def test_wrong_password_through_ssh_is_a_password_error(router, sshd):
     assert s.call(os.getuid) != 0   # the ssh context is unharmed
 
 
-def test_not_allowed_and_timeout_via_a_local_context(router, become):
+def test_not_allowed_and_timeout_via_a_local_context(router, become_users):
     a = router.local()
     with pytest.raises(mitogen_native.core.StreamError, match='may not become'):
-        router.sudo(via=a, sudo_path=become['sudo_as_nosudo'],
-                    password=become['nosudo_password'], connect_timeout=20)
+        router.sudo(via=a, sudo_path=become_users['sudo_as_nosudo'],
+                    password=become_users['nosudo_password'], connect_timeout=20)
     t0 = time.monotonic()
     with pytest.raises(mitogen_native.core.StreamError, match='connect timeout'):
-        router.sudo(via=a, sudo_path=become['sudo_hang'], connect_timeout=2)
+        router.sudo(via=a, sudo_path=become_users['sudo_hang'], connect_timeout=2)
     assert time.monotonic() - t0 < 8
 
 
-def test_su_via_a_local_context(router, become):
+def test_su_via_a_local_context(router, become_users):
     a = router.local()
-    ctx = router.su(via=a, username=become['test_user'], su_path=become['su_as_nosudo'],
-                    password=become['test_password'], connect_timeout=30)
-    assert ctx.call(os.getuid) == become['test_uid']
+    ctx = router.su(via=a, username=become_users['test_user'], su_path=become_users['su_as_nosudo'],
+                    password=become_users['test_password'], connect_timeout=30)
+    assert ctx.call(os.getuid) == become_users['test_uid']
 
 
-def test_cutting_the_ssh_connection_fails_calls_below_it_at_once(router, sshd):
+def test_cutting_the_ssh_connection_fails_calls_below_it_at_once(router, sshd, become_users):
     s = ssh_as_test_user(router, sshd)
     root = router.sudo(via=s, password=sshd['password'], connect_timeout=20)
     leaf = router.local(via=root)
