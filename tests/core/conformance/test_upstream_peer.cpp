@@ -12,6 +12,7 @@
 #include <stdexcept>
 
 #include "mitogen/mitogen.hpp"
+#include "router_rig.hpp"
 
 using namespace mitogen;
 using namespace std::chrono_literals;
@@ -53,13 +54,7 @@ custom_boot upstream_boot(const boot_params& p) {
   return out;
 }
 
-struct rig {
-  std::shared_ptr<broker> b = std::make_shared<broker>();
-  std::shared_ptr<router> r = router::create(b);
-  ~rig() {
-    b->shutdown();
-    b->join();
-  }
+struct rig : test::router_rig {
   context upstream() {
     local_options o;
     o.boot_with = upstream_boot;
