@@ -23,6 +23,10 @@ def _at_exit():
     # Broker.shutdown() lands here, after its non-daemon threads finished: every
     # context still running is told to exit and is reaped before the process goes.
     _native._shutdown_all()
+    # Python threads waiting inside the extension must end before the
+    # interpreter finalizes (see _channels._Handlers.stop).
+    from mitogen_native import _channels
+    _channels._stop_handlers()
     core._log_pump.stop()
 
 

@@ -8,6 +8,7 @@ that call ``get()`` and in the handler thread.
 """
 import logging
 import threading
+import weakref
 import time
 
 from mitogen_native import _native
@@ -276,6 +277,14 @@ class Latch(object):
         return 'Latch(%#x, size=%d)' % (id(self), len(self._queue))
 
 
+_all_handlers = weakref.WeakSet()
+
+
+def _stop_handlers():
+    for handlers in list(_all_handlers):
+        handlers.stop()
+
+
 class _Handlers(object):
     """``Router.add_handler()``: each handler is a Receiver; one daemon thread
     per router waits on all of them (one C++ token queue, as Select) and calls
@@ -287,6 +296,7 @@ class _Handlers(object):
         self._router = router
         self._lock = threading.Lock()
         self._queue = _native._SelectQueue()
+        _all_handlers.add(self)
         self._by_token = {}      # token -> (receiver, fn, persist)
         self._by_handle = {}     # handle -> token
         self._next = 1
@@ -317,6 +327,17 @@ class _Handlers(object):
         self._queue.unwatch_receiver(entry[0]._rx)
         entry[0].close()
         return True
+
+    def stop(self, timeout=2.0):
+        """End the handler thread (at exit, after the brokers shut down). A
+        daemon thread still waiting in C++ when the interpreter finalizes would
+        be killed by CPython as it takes the GIL back (pthread_exit through a
+        noexcept destructor: std::terminate), so it must be gone by then."""
+        self._queue.close()
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
     def _run(self):
         while True:

@@ -14,6 +14,7 @@ from mitogen_native.core import (ChannelError, Latch, LatchError, Message, Recei
 from mitogen_native.select import Select
 
 import channel_helpers as ch
+from conftest import run_script
 
 
 def _wait_raises(fn, exc, bound):
@@ -348,3 +349,26 @@ def test_ctrl_c_interrupts_blocked_receiver_and_select(router):
         timer.start()
         _wait_raises(wait, KeyboardInterrupt, 2.5)
         timer.join()
+
+
+HANDLER_AT_EXIT = r'''
+import os, threading
+import mitogen_native, mitogen_native.master
+router = mitogen_native.master.Router()
+ctx = router.local()
+router.add_handler(lambda msg: None)
+ctx.call(os.getpid)
+mitogen_native._at_exit()       # what atexit runs
+alive = [t.name for t in threading.enumerate() if t.name == 'mitogen_native.handlers']
+print('alive:', alive)
+'''
+
+
+def test_the_handler_thread_is_gone_before_the_interpreter_finalizes():
+    # A daemon thread still inside the extension at finalization is killed by
+    # CPython as it retakes the GIL, through a noexcept destructor:
+    # "terminate called without an active exception" and an abort.
+    proc = run_script(HANDLER_AT_EXIT, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert 'alive: []' in proc.stdout
+    assert 'terminate' not in proc.stderr
