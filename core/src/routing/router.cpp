@@ -484,7 +484,7 @@ void router::on_allocate_id(std::uint32_t from_id, const wire::message& m) {
   if (auto s = stream_for(from_id)) s->send(std::move(reply));
 }
 
-void router::release_waiters(std::uint32_t id, const std::string& reason) {
+void router::fail_waiters(std::uint32_t id, const std::string& reason) {
   std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
   {
     std::lock_guard lk(handlers_mu_);
@@ -504,6 +504,10 @@ void router::release_waiters(std::uint32_t id, const std::string& reason) {
     dead.src_id = id;
     fn(std::move(dead));
   }
+}
+
+void router::release_waiters(std::uint32_t id, const std::string& reason) {
+  fail_waiters(id, reason);
   {
     std::lock_guard lk(gone_mu_);
     gone_.insert(id);
@@ -646,26 +650,7 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
     release_waiters(did, "context " + std::to_string(did) + " (" + dname + ") disconnected: context " +
                              std::to_string(id) + " (" + name + "), through which it was reached, disconnected: " +
                              detail);
-  std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
-  {
-    std::lock_guard lk(handlers_mu_);
-    auto rit = by_respondent_.find(id);
-    if (rit != by_respondent_.end()) {
-      for (auto h : rit->second) {
-        auto it = handlers_.find(h);
-        if (it == handlers_.end()) continue;
-        waiting.emplace_back(h, std::move(it->second.fn));
-        handlers_.erase(it);
-      }
-      by_respondent_.erase(rit);
-    }
-  }
-  std::string reason = "context " + std::to_string(id) + " (" + name + ") disconnected: " + detail;
-  for (auto& [h, fn] : waiting) {
-    auto dead = wire::message::dead(my_id_, h, reason);
-    dead.src_id = id;
-    fn(std::move(dead));
-  }
+  fail_waiters(id, "context " + std::to_string(id) + " (" + name + ") disconnected: " + detail);
   std::function<void(std::function<void()>)> teardown;
   {
     std::lock_guard lk(gone_mu_);

@@ -173,6 +173,8 @@ class router : public std::enable_shared_from_this<router> {
   bool speaks_for(std::uint32_t from_id, std::uint32_t id) const;
   /// The direct child owning `id` through an ALLOCATE_ID block or allocate_id_via(); 0 if none.
   std::uint32_t owner_of(std::uint32_t id) const;  // routes_mu_ held
+  /// Dead messages, now, for every handler whose respondent is `id`.
+  void fail_waiters(std::uint32_t id, const std::string& reason);
   /// Release every caller waiting on context `id` (dead messages) and mark it gone.
   void release_waiters(std::uint32_t id, const std::string& reason);
   void shutdown_on_broker(std::function<void()> done);
