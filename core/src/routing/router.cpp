@@ -27,7 +27,6 @@ void receiver::push(wire::message&& m) {
   {
     std::lock_guard lk(mu_);
     q_.push_back(std::move(m));
-    pending_.store(true, std::memory_order_release);
     notify = notify_;
   }
   cv_.notify_all();
@@ -44,7 +43,6 @@ void receiver::close(const std::string& reason) {
     auto m = wire::message::dead(0, handle_, reason);
     if (auto r = router_.lock()) m.src_id = m.dst_id = r->context_id();
     dead_ = std::move(m);
-    pending_.store(true, std::memory_order_release);
     notify = notify_;
   }
   cv_.notify_all();
@@ -63,13 +61,6 @@ std::size_t receiver::set_notify(std::function<void()> fn) {
 }
 
 wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> timeout) {
-  // A reply usually comes within tens of microseconds: watching for it briefly
-  // saves the futex sleep and wake-up, which cost about as much as the round trip.
-  if (!pending_.load(std::memory_order_acquire)) {
-    auto until = std::chrono::steady_clock::now() + spin_for;
-    while (!pending_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until)
-      __builtin_ia32_pause();
-  }
   std::unique_lock lk(mu_);
   auto ready = [&] { return !q_.empty() || dead_.has_value(); };
   if (timeout) {
@@ -80,7 +71,6 @@ wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> t
   if (q_.empty()) return *dead_;
   wire::message m = std::move(q_.front());
   q_.pop_front();
-  pending_.store(!q_.empty(), std::memory_order_release);
   // A dead message ends the channel: keep answering it.
   if (m.is_dead()) dead_ = m;
   return m;
@@ -91,7 +81,6 @@ std::optional<wire::message> receiver::try_get() {
   if (q_.empty()) return dead_;
   wire::message m = std::move(q_.front());
   q_.pop_front();
-  pending_.store(!q_.empty(), std::memory_order_release);
   if (m.is_dead()) dead_ = m;
   return m;
 }

@@ -1,6 +1,5 @@
 #pragma once
 /// Receiver: a queue of messages arriving on one handle, waited on by user threads.
-#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -52,9 +51,6 @@ class receiver {
   /// An empty `fn` removes the notification.
   std::size_t set_notify(std::function<void()> fn);
 
-  /// How long get() watches for a message before sleeping.
-  static constexpr std::chrono::microseconds spin_for{0};
-
  private:
   friend class router;
   receiver(std::weak_ptr<router> r, std::uint32_t handle) : router_(std::move(r)), handle_(handle) {}
@@ -66,7 +62,6 @@ class receiver {
   std::deque<wire::message> q_;
   std::optional<wire::message> dead_;
   std::function<void()> notify_;  ///< guarded by mu_; called without it
-  std::atomic<bool> pending_{false};  ///< q_ non-empty (read without the lock while spinning)
 };
 
 }  // namespace mitogen
