@@ -100,8 +100,8 @@ py::object from_wire(wire::value&& v, const py::object& router);
 // ---- channels (channel.cpp)
 
 /// Called by to_wire() for each Sender it converts. If a grant_scope is open on this
-/// thread and the Sender points at one of our own handles that a channel receiver
-/// owns, the scope remembers it. GIL held.
+/// thread, the scope remembers it: a Sender of one of our own channel receivers, or
+/// of another context's handle (forwarding permission in unidirectional mode). GIL held.
 void note_sender(const mitogen::context& target, std::uint32_t handle);
 
 /// Collects the Senders converted while it is open (on this thread); apply() lets
@@ -117,8 +117,13 @@ class grant_scope {
 
  private:
   friend void note_sender(const mitogen::context&, std::uint32_t);
+  struct note {
+    std::shared_ptr<mitogen::router> r;
+    std::uint32_t target;  ///< the context the Sender sends to
+    std::uint32_t handle;
+  };
   grant_scope* prev_;
-  std::vector<std::pair<std::shared_ptr<mitogen::router>, std::uint32_t>> notes_;
+  std::vector<note> notes_;
 };
 
 // ---- GIL and waiting (gil.cpp)

@@ -176,15 +176,20 @@ grant_scope::grant_scope() : prev_(current_scope) { current_scope = this; }
 grant_scope::~grant_scope() { current_scope = prev_; }
 
 void grant_scope::apply(std::uint32_t dst_context) {
-  for (auto& [r, h] : notes_) grant(r, h, dst_context);
+  for (auto& n : notes_) {
+    if (n.target == n.r->context_id())
+      grant(n.r, n.handle, dst_context);
+    else if (n.target != dst_context)
+      // Another context's handle: the receiving agent polices it; our router lets
+      // dst_context reach it even when unidirectional, since we handed it over.
+      n.r->allow_forward(dst_context, n.target, n.handle);
+  }
   notes_.clear();
 }
 
 void note_sender(const mitogen::context& target, std::uint32_t handle) {
   if (!current_scope) return;
-  const auto& r = target.get_router();
-  if (target.id() != r->context_id()) return;  // someone else's handle: theirs to police
-  current_scope->notes_.emplace_back(r, handle);
+  current_scope->notes_.push_back({target.get_router(), target.id(), handle});
 }
 
 void register_channels(py::module_& m) {

@@ -96,6 +96,11 @@ void register_router(py::module_& m) {
       .def_property(
           "debug", [](py_router& self) { return self.debug; }, [](py_router& self, bool on) { self.debug = on; },
           "Default of local(debug=...).")
+      .def_property(
+          "unidirectional", [](py_router& self) { return self.r->unidirectional(); },
+          [](py_router& self, bool on) { self.r->set_unidirectional(on); },
+          "Upstream's Router.unidirectional: if True, a context's messages to another context's subtree are "
+          "forwarded only where this program allowed it (a Sender it handed over); see docs/security.md.")
       .def_property_readonly(
           "context_id", [](py_router& self) { return self.r->context_id(); }, "This program's context id (0).")
       .def(

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "mitogen/routing/router.hpp"
+#include "mitogen/wire/constants.hpp"
 #include "router_rig.hpp"
 #include "mitogen/wire/frame.hpp"
 
@@ -20,6 +21,13 @@ struct fake_child {
   wire::frame_parser parser;
   std::vector<std::uint8_t> buf = std::vector<std::uint8_t>(1 << 16);
   std::span<const std::uint8_t> pending;
+
+  fake_child() = default;
+  fake_child(const fake_child&) = delete;
+  fake_child& operator=(const fake_child&) = delete;
+  ~fake_child() {
+    if (fd >= 0) ::close(fd);
+  }
 
   /// Read one message (fails the test after 5 s).
   wire::message recv() {
@@ -59,6 +67,7 @@ struct rig : router_rig {
     b->shutdown();
     b->join();
     if (child.fd >= 0) ::close(child.fd);
+    child.fd = -1;
   }
   wire::message reply_to(const wire::message& req, std::string data) {
     wire::message m;
@@ -69,5 +78,61 @@ struct rig : router_rig {
     return m;
   }
 };
+
+/// A router with two fake children, A and B (attach() adds more).
+struct two_children : test::router_rig {
+  fake_child a, b;
+  std::uint32_t a_id = 0, b_id = 0;
+
+  two_children() {
+    attach(a, a_id, "A");
+    attach(b, b_id, "B");
+  }
+  /// Attach `c` as a new context (a child, or with opts.trusted a client).
+  void attach(fake_child& c, std::uint32_t& id, const char* name, route_options opts = {}) {
+    int sv[2];
+    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
+    c.fd = sv[1];
+    id = r->allocate_id();
+    auto s = stream::create(router_rig::b, sv[0], sv[0], {.name = name});
+    r->add_route(id, name, s, opts);
+    s->start();
+  }
+  ~two_children() {
+    // Before the children's ends close (members go after this body).
+    router_rig::b->shutdown();
+    router_rig::b->join();
+  }
+  /// A message from `src` (acting as `auth`) sent on fake child `c`'s stream.
+  static void send(fake_child& c, std::uint32_t dst, std::uint32_t src, std::uint32_t handle, std::string data,
+                   std::uint32_t reply_to = 0, std::optional<std::uint32_t> auth = std::nullopt) {
+    wire::message m;
+    m.dst_id = dst;
+    m.src_id = src;
+    m.auth_id = auth.value_or(src);
+    m.handle = handle;
+    m.reply_to = reply_to;
+    m.data = std::move(data);
+    c.send(m);
+  }
+  /// Wait until the router (broker thread) has handled everything sent so far on `c`:
+  /// a round trip to a handle nobody listens on comes back dead.
+  void sync(fake_child& c, std::uint32_t me) {
+    send(c, 0, me, 4242, "", 77);
+    auto m = c.recv();
+    REQUIRE(m.is_dead());
+    REQUIRE(m.handle == 77);
+  }
+  std::shared_ptr<receiver> call(std::uint32_t dst) {
+    auto rx = r->make_receiver(dst, false);
+    wire::message m;
+    m.dst_id = dst;
+    m.handle = wire::CALL_FUNCTION;
+    m.reply_to = rx->handle();
+    r->route(m);
+    return rx;
+  }
+};
+
 
 }  // namespace mitogen::test

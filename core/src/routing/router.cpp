@@ -246,7 +246,7 @@ void router::deliver_local(wire::message&& m) {
   fn(std::move(m));
 }
 
-void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
+void router::on_stream_message(std::uint32_t from_id, bool trusted, wire::message&& m) {
   // Source verification: a child speaks for itself and for the contexts routed
   // through it (via=), never for anybody else.
   if (!speaks_for(from_id, m.src_id) || !speaks_for(from_id, m.auth_id)) {
@@ -255,6 +255,8 @@ void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
                    from_id, name_of(from_id), m.src_id, m.auth_id);
     return;
   }
+  // A trusted client acts with our authority (upstream's unix listener does the same).
+  if (trusted) m.auth_id = my_id_;
   if (m.dst_id == my_id_) {
     if (!m.is_dead()) {
       switch (m.handle) {
@@ -267,7 +269,18 @@ void router::on_stream_message(std::uint32_t from_id, wire::message&& m) {
     deliver_local(std::move(m));
     return;
   }
-  // For another context (a sibling, or a descendant of one): forward it as it is.
+  // For another context (a sibling, or a descendant of one): forward it as it is,
+  // unless this router is unidirectional and nobody allowed that path.
+  if (!trusted && unidirectional_.load() && !may_forward(from_id, m)) {
+    if (first_complaint(from_id, peer_state::unidirectional))
+      spdlog::warn("mitogen: context {} ({}) sent to context {}, which this unidirectional router does not allow; "
+                   "refused (logged once)",
+                   m.src_id, name_of(from_id), m.dst_id);
+    refuse(from_id, m,
+           "context " + std::to_string(m.src_id) + " may not send to context " + std::to_string(m.dst_id) +
+               ": the router is unidirectional (docs/security.md)");
+    return;
+  }
   std::shared_ptr<stream> s;
   if (!shut_down_.load()) s = stream_for(m.dst_id);
   if (s && s->queued_bytes() > max_forward_backlog) {
@@ -302,6 +315,58 @@ void router::refuse(std::uint32_t from_id, const wire::message& m, const std::st
   dead.src_id = my_id_;
   dead.auth_id = my_id_;
   if (auto s = stream_for(from_id)) s->send(std::move(dead));
+}
+
+bool router::trusted_locked(std::uint32_t id) const {
+  auto it = routes_.find(id);
+  if (it == routes_.end()) return false;
+  if (it->second.via != id) it = routes_.find(it->second.via);
+  return it != routes_.end() && it->second.trusted;
+}
+
+bool router::may_forward(std::uint32_t from_id, const wire::message& m) const {
+  std::shared_lock lk(routes_mu_);
+  if (trusted_locked(m.dst_id)) return true;
+  auto g = grants_.find({m.dst_id, m.handle});
+  return g != grants_.end() && g->second.count(m.src_id) > 0;
+}
+
+void router::forget_grants_locked(std::uint32_t id, const std::vector<std::pair<std::uint32_t, std::string>>& more) {
+  if (grants_.empty()) return;
+  std::unordered_set<std::uint32_t> gone;
+  if (id) gone.insert(id);
+  for (auto& g : more) gone.insert(g.first);
+  for (auto it = grants_.begin(); it != grants_.end();) {
+    if (gone.count(it->first.first)) {
+      it = grants_.erase(it);
+      continue;
+    }
+    for (auto f = it->second.begin(); f != it->second.end();) f = gone.count(*f) ? it->second.erase(f) : std::next(f);
+    it = it->second.empty() ? grants_.erase(it) : std::next(it);
+  }
+}
+
+void router::allow_forward(std::uint32_t from, std::uint32_t to, std::uint32_t handle) {
+  std::unique_lock lk(routes_mu_);
+  grants_[{to, handle}].insert(from);
+}
+
+void router::announce_gone(const std::vector<std::uint32_t>& ids) {
+  std::vector<std::shared_ptr<stream>> clients;
+  {
+    std::shared_lock lk(routes_mu_);
+    for (auto& [k, e] : routes_)
+      if (e.trusted && e.via == k) clients.push_back(e.s);
+  }
+  for (auto& c : clients) {
+    for (auto id : ids) {
+      wire::message m;
+      m.handle = wire::DEL_ROUTE;
+      m.src_id = m.auth_id = my_id_;
+      m.data = std::to_string(id);
+      c->send(std::move(m));
+    }
+  }
 }
 
 bool router::speaks_for(std::uint32_t from_id, std::uint32_t id) const {
@@ -422,6 +487,7 @@ void router::on_del_route(std::uint32_t from_id, const wire::message& m) {
           }
         }
       }
+      forget_grants_locked(0, gone);
     }
   }
   if (gone.empty()) {
@@ -435,6 +501,11 @@ void router::on_del_route(std::uint32_t from_id, const wire::message& m) {
                    "once)",
                    from_id, name_of(from_id), m.data.substr(0, 64));
     return;
+  }
+  {
+    std::vector<std::uint32_t> ids;
+    for (auto& g : gone) ids.push_back(g.first);
+    announce_gone(ids);
   }
   for (auto& [gid, gname] : gone) {
     spdlog::debug("mitogen: context {} ({}) disconnected (DEL_ROUTE from {})", gid, gname, m.src_id);
@@ -563,16 +634,17 @@ void router::set_log_sink(log_sink sink) {
   log_sink_ = std::move(sink);
 }
 
-void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s) {
+void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s, route_options opts) {
   // The stream keeps the router alive until it closes (the callbacks are dropped on
   // close), so a child's teardown always finds its router.
   auto self = shared_from_this();
-  s->on_message([self, id](wire::message&& m) { self->on_stream_message(id, std::move(m)); });
+  const bool trusted = opts.trusted;
+  s->on_message([self, id, trusted](wire::message&& m) { self->on_stream_message(id, trusted, std::move(m)); });
   s->on_disconnect([self, id](std::error_code ec, const std::string& detail) {
     self->on_stream_gone(id, ec, detail);
   });
   std::unique_lock lk(routes_mu_);
-  routes_[id] = route_entry{std::move(name), std::move(s), id, my_id_};
+  routes_[id] = route_entry{std::move(name), std::move(s), id, my_id_, trusted};
 }
 
 std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
@@ -624,6 +696,7 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
       }
     }
     for (auto b = blocks_.begin(); b != blocks_.end();) b = b->second.owner == id ? blocks_.erase(b) : std::next(b);
+    forget_grants_locked(id, descendants);
   }
   if (ec == errc::protocol_error)
     spdlog::warn("mitogen: context {} ({}) broke the protocol and was disconnected: {}", id, name, detail);
@@ -633,6 +706,11 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
     if (p->second.logs_dropped)
       spdlog::warn("mitogen: dropped {} log records from context {} ({})", p->second.logs_dropped, id, name);
     peers_.erase(p);
+  }
+  {
+    std::vector<std::uint32_t> ids{id};
+    for (auto& d : descendants) ids.push_back(d.first);
+    announce_gone(ids);
   }
   // Release every caller waiting on this context or on one reached through it, now.
   for (auto& [did, dname] : descendants)

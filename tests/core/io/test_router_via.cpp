@@ -17,64 +17,7 @@ using namespace mitogen;
 using namespace std::chrono_literals;
 using mitogen::test::fake_child;
 
-namespace {
-
-/// A router with two fake children, A and B.
-struct two_children : test::router_rig {
-  fake_child a, b;
-  std::uint32_t a_id = 0, b_id = 0;
-
-  two_children() {
-    attach(a, a_id, "A");
-    attach(b, b_id, "B");
-  }
-  void attach(fake_child& c, std::uint32_t& id, const char* name) {
-    int sv[2];
-    REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
-    c.fd = sv[1];
-    id = r->allocate_id();
-    auto s = stream::create(router_rig::b, sv[0], sv[0], {.name = name});
-    r->add_route(id, name, s);
-    s->start();
-  }
-  ~two_children() {
-    router_rig::b->shutdown();
-    router_rig::b->join();
-    for (int fd : {a.fd, b.fd})
-      if (fd >= 0) ::close(fd);
-  }
-  /// A message from `src` (acting as `auth`) sent on fake child `c`'s stream.
-  static void send(fake_child& c, std::uint32_t dst, std::uint32_t src, std::uint32_t handle, std::string data,
-                   std::uint32_t reply_to = 0, std::optional<std::uint32_t> auth = std::nullopt) {
-    wire::message m;
-    m.dst_id = dst;
-    m.src_id = src;
-    m.auth_id = auth.value_or(src);
-    m.handle = handle;
-    m.reply_to = reply_to;
-    m.data = std::move(data);
-    c.send(m);
-  }
-  /// Wait until the router (broker thread) has handled everything sent so far on `c`:
-  /// a round trip to a handle nobody listens on comes back dead.
-  void sync(fake_child& c, std::uint32_t me) {
-    send(c, 0, me, 4242, "", 77);
-    auto m = c.recv();
-    REQUIRE(m.is_dead());
-    REQUIRE(m.handle == 77);
-  }
-  std::shared_ptr<receiver> call(std::uint32_t dst) {
-    auto rx = r->make_receiver(dst, false);
-    wire::message m;
-    m.dst_id = dst;
-    m.handle = wire::CALL_FUNCTION;
-    m.reply_to = rx->handle();
-    r->route(m);
-    return rx;
-  }
-};
-
-}  // namespace
+using mitogen::test::two_children;
 
 TEST_CASE("ADD_ROUTE for an id allocated via a child routes that id through the child", "[router][via]") {
   two_children t;

@@ -40,6 +40,17 @@ struct handler_options {
   bool overwrite = true;
 };
 
+/// How add_route() treats a stream.
+struct route_options {
+  /// A client rather than a child: a process of this program's own user that attached
+  /// to it (the Ansible multiplexer's workers, checked with SO_PEERCRED by whoever
+  /// accepted it). Its messages act with this router's authority: their auth_id is
+  /// rewritten to context_id(), so contexts obey them as they obey this program. In
+  /// unidirectional mode, messages between a trusted stream and any other are
+  /// forwarded; a trusted stream is told (DEL_ROUTE) when any context disconnects.
+  bool trusted = false;
+};
+
 /// Where forwarded log records go. Called on the broker thread.
 using log_sink = std::function<void(std::uint32_t context_id, const std::string& context_name,
                                     const std::string& logger, int level, const std::string& text)>;
@@ -91,7 +102,23 @@ class router : public std::enable_shared_from_this<router> {
   /// see docs/via.md). When it closes, every handler whose respondent is `id` or a
   /// context routed through it gets a dead message and the teardown registered for
   /// `id` runs (broker thread). The stream keeps the router alive until then.
-  void add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s);
+  void add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s, route_options opts = {});
+
+  /// Upstream's Router.unidirectional. Off (the default): a child may message any
+  /// context it can name, with its true src_id and auth_id, and the receiving agent
+  /// refuses whatever needs authority it does not have (docs/security.md). On: a
+  /// message from one child's subtree to another's is forwarded only if one of the two
+  /// streams is trusted (route_options::trusted) or allow_forward() granted it;
+  /// anything else is refused (a dead reply if it asked for one, logged once per
+  /// sender). Any thread; takes effect for the next message.
+  void set_unidirectional(bool on) noexcept { unidirectional_.store(on); }
+  bool unidirectional() const noexcept { return unidirectional_.load(); }
+
+  /// Let context `from` send to handle `handle` of context `to` even in
+  /// unidirectional mode: the program handed `from` a Sender of `to`'s on purpose
+  /// (the Python API calls this for every such Sender it passes on). Forgotten when
+  /// either context disconnects. Any thread.
+  void allow_forward(std::uint32_t from, std::uint32_t to, std::uint32_t handle);
   /// The stream of context `id`, if connected (for a descendant started via= another
   /// context: the stream of the direct child it is reached through).
   std::shared_ptr<stream> stream_for(std::uint32_t id) const;
@@ -139,6 +166,7 @@ class router : public std::enable_shared_from_this<router> {
     std::shared_ptr<stream> s;
     std::uint32_t via = 0;     ///< direct child whose stream this is (== id for a direct child)
     std::uint32_t parent = 0;  ///< context that started it (0: us)
+    bool trusted = false;      ///< route_options::trusted (direct entries only)
   };
   /// An id range [first, end) handed to a direct child's subtree.
   struct id_block {
@@ -148,7 +176,16 @@ class router : public std::enable_shared_from_this<router> {
   /// What a child has done wrong, so each kind of misbehaviour is logged once, and
   /// its log-forwarding budget. Broker thread only.
   struct peer_state {
-    enum : unsigned { spoofed = 1, foreign_handle = 2, flooding = 4, misrouted = 8, bad_route = 16, bad_alloc = 32, refused_by_policy = 64 };
+    enum : unsigned {
+      spoofed = 1,
+      foreign_handle = 2,
+      flooding = 4,
+      misrouted = 8,
+      bad_route = 16,
+      bad_alloc = 32,
+      refused_by_policy = 64,
+      unidirectional = 128
+    };
     unsigned warned = 0;
     double log_tokens = log_burst;
     std::chrono::steady_clock::time_point log_refill = std::chrono::steady_clock::now();
@@ -158,7 +195,7 @@ class router : public std::enable_shared_from_this<router> {
   bool first_complaint(std::uint32_t id, unsigned what);
 
   explicit router(std::shared_ptr<broker> b);
-  void on_stream_message(std::uint32_t from_id, wire::message&& m);   // broker thread
+  void on_stream_message(std::uint32_t from_id, bool trusted, wire::message&& m);  // broker thread
   void on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail);  // broker thread
   void deliver_local(wire::message&& m);  // broker thread
   void deliver_dead(std::uint32_t handle, std::string reason);  // any thread
@@ -171,6 +208,15 @@ class router : public std::enable_shared_from_this<router> {
   void refuse(std::uint32_t from_id, const wire::message& m, const std::string& reason);
   /// True if `id` is `from_id` or routed through its stream.
   bool speaks_for(std::uint32_t from_id, std::uint32_t id) const;
+  /// True if the direct stream leading to `id` is trusted (routes_mu_ held).
+  bool trusted_locked(std::uint32_t id) const;
+  /// In unidirectional mode: may `m`, from direct child `from_id`, be forwarded?
+  bool may_forward(std::uint32_t from_id, const wire::message& m) const;
+  /// Drop allow_forward() grants from or to `id` (0: none) and the contexts in `more`.
+  void forget_grants_locked(std::uint32_t id, const std::vector<std::pair<std::uint32_t, std::string>>& more);
+  /// Tell every trusted stream that these contexts are gone (DEL_ROUTE), so the
+  /// clients' callers waiting on them are released too. Broker thread.
+  void announce_gone(const std::vector<std::uint32_t>& ids);
   /// The direct child owning `id` through an ALLOCATE_ID block or allocate_id_via(); 0 if none.
   std::uint32_t owner_of(std::uint32_t id) const;  // routes_mu_ held
   /// Dead messages, now, for every handler whose respondent is `id`.
@@ -193,6 +239,9 @@ class router : public std::enable_shared_from_this<router> {
   mutable std::shared_mutex routes_mu_;
   std::unordered_map<std::uint32_t, route_entry> routes_;
   std::map<std::uint32_t, id_block> blocks_;  // guarded by routes_mu_
+  /// allow_forward() grants: (to, handle) -> the contexts that may send there.
+  std::map<std::pair<std::uint32_t, std::uint32_t>, std::unordered_set<std::uint32_t>> grants_;  // routes_mu_
+  std::atomic<bool> unidirectional_{false};
 
   std::mutex gone_mu_;
   std::condition_variable gone_cv_;
