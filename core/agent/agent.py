@@ -488,7 +488,7 @@ _out_fd = None          # protocol fd towards the parent; None until MITO001
 _write_lock = _thread.allocate_lock()   # one frame at a time, from any thread
 _exiting = False        # set once the process is on its way out
 _log_level = INFO
-_debug_fd = None        # /tmp/mitogen.<pid>.log when config['debug']
+_debug_fd = None        # $TMPDIR/mitogen-<uid>/mitogen.<pid>.log when config['debug']
 
 
 def _send(dst_id, handle, data, reply_to=0):
@@ -536,6 +536,38 @@ def _write_rest(fd, buf, offset):
         view = view[os.write(fd, view):]
 
 
+def _private_tmp_dir():
+    """$TMPDIR/mitogen-<euid> (default /tmp): created 0700 if missing, and
+    refused unless it is a real directory of ours that nobody else may
+    write to, so that no other user can plant or read our logs."""
+    import stat
+    base = os.environ.get('TMPDIR') or '/tmp'
+    path = os.path.join(base, 'mitogen-%d' % os.geteuid())
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or \
+            st.st_mode & 0o077:
+        raise OSError(1, '%s is not a private directory of uid %d'
+                      % (path, os.geteuid()))
+    return path
+
+
+def _open_debug_log():
+    """A fresh mitogen.<pid>.log in _private_tmp_dir(), created with O_EXCL
+    (a leftover of an earlier process with our pid is replaced)."""
+    path = os.path.join(_private_tmp_dir(), 'mitogen.%d.log' % os.getpid())
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND |
+             os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        return os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        return os.open(path, flags, 0o600)
+
+
 def _debug_log(level, text):
     now = time.time()
     line = '%s.%06d %s mitogen.core: %s\n' % (
@@ -573,6 +605,34 @@ def _write_boot_error(text):
         pass
 
 
+# Refusals (docs/security.md, "Who may make a context act").
+
+def _is_ancestor(ident):
+    """True if context `ident` is us or one of our ancestors: the contexts
+    whose messages carry authority over us."""
+    return ident == parent_id or ident in parent_ids or ident == context_id
+
+
+_complained = set()     # senders already named in a refusal warning
+
+
+def _complain(sender, fmt, *args):
+    """Log a refusal at WARNING, once per sender (then DEBUG only)."""
+    if sender in _complained or len(_complained) >= 4096:
+        if _debug_fd is not None:
+            _debug_log(DEBUG, fmt % args)
+        return
+    _complained.add(sender)
+    _log(WARNING, fmt + ' (logged once per sender)', *args)
+
+
+def _refuse_foreign(msg):
+    """A message to one of our reply handles from a context it was not
+    asked of."""
+    _inbox._refuse(msg, 'handle %d awaits a reply from another context'
+                   % msg.handle)
+
+
 # ---------------------------------------------------------------------------
 # Inbound messages: leader/follower reading.
 #
@@ -588,13 +648,14 @@ def _write_boot_error(text):
 # uncontended lock operations.
 
 class _Slot(object):
-    __slots__ = ('queue', 'wake', 'sleeping')
+    __slots__ = ('queue', 'wake', 'sleeping', 'peer')
 
-    def __init__(self):
+    def __init__(self, peer=None):
         self.queue = []
         self.wake = _thread.allocate_lock()
         self.wake.acquire()        # held while nobody needs waking
         self.sleeping = False
+        self.peer = peer           # if set: the only context that may answer
 
 
 class _Inbox(object):
@@ -623,10 +684,13 @@ class _Inbox(object):
             self._next_handle += 1
         return handle
 
-    def open_slot(self):
+    def open_slot(self, peer=None):
         """Allocate a reply handle and its slot. Open it *before* sending the
-        request, so that the reply cannot arrive before anyone expects it."""
-        slot = _Slot()
+        request, so that the reply cannot arrive before anyone expects it.
+        With `peer` (a context id), only that context's messages are
+        delivered, plus dead messages from our ancestors (a router on the way
+        saying the peer cannot be reached); anything else is refused."""
+        slot = _Slot(peer)
         handle = self.new_handle()
         with self._lock:
             self._slots[handle] = slot
@@ -706,17 +770,29 @@ class _Inbox(object):
         if msg.dst_id != context_id:
             return _route_away(msg)   # via= section
         handle = msg.handle
+        if handle == CALL_FUNCTION or handle == SHUTDOWN:
+            # These make us act: only our ancestors may (docs/security.md).
+            auth = msg.auth_id
+            if auth != parent_id and auth not in parent_ids and \
+                    auth != context_id:
+                return self._refuse(msg, 'context %d is not an ancestor of '
+                                    'context %d: handle %d refused'
+                                    % (auth, context_id, handle))
         with self._lock:
             if handle == CALL_FUNCTION or handle == SHUTDOWN:
                 slot = self.main
             else:
                 slot = self._slots.get(handle)
-            if slot is not None:
+            if slot is None:
+                fn = self._handlers.get(handle)
+            elif slot.peer is not None and msg.src_id != slot.peer and not (
+                    msg.is_dead and _is_ancestor(msg.auth_id)):
+                fn = _refuse_foreign
+            else:
                 slot.queue.append(msg)
                 if slot.sleeping:
                     self._wake(slot)
                 return
-            fn = self._handlers.get(handle)
         if fn is None:
             return self._refuse(msg, 'no handler for handle %d' % handle)
         try:
@@ -726,14 +802,17 @@ class _Inbox(object):
                  _format_exception(e))
 
     def _refuse(self, msg, reason):
+        """Drop `msg`: a dead reply if it asked for one; logged once per
+        sender (a hostile neighbour must not flood our log)."""
         if msg.is_dead:
             if _debug_fd is not None:
                 _debug_log(DEBUG, 'dropped dead %r: %s' % (msg, reason))
-        elif msg.reply_to:
+            return
+        if msg.reply_to:
             _send(msg.src_id, msg.reply_to, reason.encode('utf-8'),
                   reply_to=IS_DEAD)
-        else:
-            _log(WARNING, 'dropped %r: %s', msg, reason)
+        _complain(msg.src_id, 'dropped %r: %s', msg, reason)
+
 
     # -- framing -------------------------------------------------------------
 
@@ -926,9 +1005,9 @@ class _Importer(object):
     def _on_load_module(self, msg):
         if msg.is_dead:
             return
-        if msg.auth_id != parent_id and msg.auth_id not in parent_ids:
-            _log(WARNING, 'dropped LOAD_MODULE from context %d: not a '
-                 'parent', msg.auth_id)
+        if not _is_ancestor(msg.auth_id):
+            _complain(msg.src_id, 'dropped LOAD_MODULE from context %d: not '
+                      'an ancestor', msg.auth_id)
             return
         tup = None
         try:
@@ -945,6 +1024,9 @@ class _Importer(object):
         self._store(tup, msg.data)
 
     def _on_reply(self, fullname, msg):
+        if not _is_ancestor(msg.auth_id):
+            return _inbox._refuse(msg, 'handle %d awaits a reply from '
+                                  'another context' % msg.handle)
         if msg.is_dead:
             _log(DEBUG, 'GET_MODULE %s refused: %s', fullname,
                  msg.data.decode('utf-8', 'replace'))
@@ -1251,7 +1333,7 @@ def _file_receive(path, size, mode, owner, group, ack_to, ack_bytes):
     peer, ack_handle = _file_check_sender(ack_to, 'ack_to')
     _file_grow_pipes()
     uid, gid = _file_id(owner, 'user'), _file_id(group, 'group')
-    handle, slot = _inbox.open_slot()
+    handle, slot = _inbox.open_slot(peer)
     fd = tmp = None
     done = announced = peer_gone = False
     try:
@@ -1341,7 +1423,7 @@ def _file_send(path, data_to, chunk_size, window):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise type(e)(e.errno, e.strerror or str(e), path)
-    handle, slot = _inbox.open_slot()
+    handle, slot = _inbox.open_slot(peer)
     try:
         st = os.fstat(fd)
         if not _file_is_regular(st.st_mode):
@@ -2468,7 +2550,7 @@ def _allocate_id():
     (first, end) tuple, end exclusive)."""
     with _id_lock:
         if _id_block[0] >= _id_block[1]:
-            handle, slot = _inbox.open_slot()
+            handle, slot = _inbox.open_slot(0)
             try:
                 _send(0, ALLOCATE_ID, b'', reply_to=handle)
                 msg = _inbox.wait(slot)
@@ -2901,11 +2983,11 @@ class Receiver(object):
         # Run by the thread reading frames: quick, never blocks.
         if not msg.is_dead:
             if self.respondent is not None and msg.src_id != self.respondent:
-                _log(WARNING, '%r: dropped %r: not from the respondent',
-                     self, msg)
+                _complain(msg.src_id, '%r: dropped %r: not from the '
+                          'respondent', self, msg)
                 return
             if self.policy is not None and not self.policy(msg, None):
-                _log(WARNING, '%r: policy refused %r', self, msg)
+                _complain(msg.src_id, '%r: policy refused %r', self, msg)
                 return
         if not self.persist or msg.is_dead:
             _inbox.del_handler(self.handle)
@@ -3162,9 +3244,11 @@ def _bootstrap():
             package.parent_ids = parent_ids
             package.is_master = False
         if config.get('debug'):
-            _debug_fd = os.open('/tmp/mitogen.%d.log' % os.getpid(),
-                                os.O_WRONLY | os.O_CREAT | os.O_APPEND |
-                                os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                _debug_fd = _open_debug_log()
+            except OSError as e:
+                _write_boot_error('no debug log: %s' % (e,))
+        if _debug_fd is not None:
             _debug_log(INFO, 'bootstrap: context_id=%r parent_ids=%r name=%r'
                        % (context_id, parent_ids, remote_name))
 

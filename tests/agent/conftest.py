@@ -87,6 +87,23 @@ TESTMOD = textwrap.dedent('''
     _threads = {}
 
 
+    def request_in_thread_from(peer, handle, text):
+        """As request_in_thread, but asks context `peer` through a reply slot
+        that accepts only `peer` (open_slot(peer))."""
+        import threading
+        import mitogen.core as core
+
+        def run():
+            reply_handle, slot = core._inbox.open_slot(peer)
+            try:
+                core._send(peer, handle, text.encode(), reply_to=reply_handle)
+                msg = core._inbox.wait(slot)
+                _threads[text] = bytes(msg.data), msg.is_dead
+            finally:
+                core._inbox.close_slot(reply_handle)
+        threading.Thread(target=run, daemon=True).start()
+
+
     def request_in_thread(handle, text):
         import threading
         import mitogen.core as core

@@ -247,9 +247,12 @@ class FakeMaster(object):
             view = view[os.write(self._wfd, view):]
 
     def send(self, handle, data, reply_to=0, dst_id=None, src_id=0,
-             magic=MAGIC):
+             magic=MAGIC, auth_id=None):
+        """Write one frame; auth_id defaults to src_id (as a router forwards
+        a context's own message)."""
         dst_id = self.context_id if dst_id is None else dst_id
-        self.write(HEADER.pack(magic, dst_id, src_id, src_id, handle,
+        auth_id = src_id if auth_id is None else auth_id
+        self.write(HEADER.pack(magic, dst_id, src_id, auth_id, handle,
                                reply_to, len(data)) + data)
 
     def recv_frame(self, timeout=10):

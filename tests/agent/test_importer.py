@@ -304,7 +304,7 @@ def test_load_module_from_a_stranger_is_dropped(master):
     payload = fm.encode(('stranger', None, '/x.py',
                          fm.Blob(zlib.compress(b'VALUE = 1\n')), []))
     master.send(fm.LOAD_MODULE, payload, src_id=5)   # auth_id 5: not a parent
-    master.wait_for_log(lambda r: 'not a parent' in r[2])
+    master.wait_for_log(lambda r: 'not an ancestor' in r[2])
     with pytest.raises(RemoteError, match="No module named 'stranger'"):
         master.call('stranger', 'f')
 
