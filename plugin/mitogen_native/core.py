@@ -255,12 +255,50 @@ def _set_core_log_level(level):
 _debug_handler = None
 
 
-def enable_debug_logging():
-    """Write this program's mitogen_native DEBUG log to /tmp/mitogen.<pid>.log."""
-    global _debug_handler
+def private_tmp_dir():
+    """``$TMPDIR/mitogen-<euid>`` (default ``/tmp``), where debug logs go: created
+    mode 0700 if missing, refused (``PermissionError``) unless it is a real
+    directory of ours that nobody else can write to, so another user can neither
+    plant a file at a log's name nor read what we log. Contexts use the same
+    rule on their own machine."""
     import os
+    import stat
+    path = os.path.join(os.environ.get('TMPDIR') or '/tmp', 'mitogen-%d' % os.geteuid())
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError('%s is not a private directory of uid %d' % (path, os.geteuid()))
+    return path
+
+
+def debug_log_path(pid=None):
+    """Where the debug log of process `pid` (default: this one) is written."""
+    import os
+    return os.path.join(private_tmp_dir(), 'mitogen.%d.log' % (pid or os.getpid()))
+
+
+def _open_new(path):
+    """Open `path` for appending, created afresh with O_EXCL (a leftover of an
+    earlier process with our pid is replaced), never through a symlink."""
+    import os
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        os.unlink(path)
+        fd = os.open(path, flags, 0o600)
+    return os.fdopen(fd, 'a', buffering=1, encoding='utf-8', errors='replace')
+
+
+def enable_debug_logging():
+    """Write this program's mitogen_native DEBUG log to :func:`debug_log_path`
+    (``$TMPDIR/mitogen-<uid>/mitogen.<pid>.log``)."""
+    global _debug_handler
     if _debug_handler is None:
-        _debug_handler = logging.FileHandler('/tmp/mitogen.%d.log' % os.getpid())
+        _debug_handler = logging.StreamHandler(_open_new(debug_log_path()))
         _debug_handler.setFormatter(logging.Formatter(
             '%(asctime)s %(levelname).1s %(name)s: %(message)s', '%H:%M:%S'))
         logging.getLogger('mitogen').addHandler(_debug_handler)

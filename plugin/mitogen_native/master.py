@@ -72,7 +72,7 @@ class Router(_native.Router):
             (default ``<user>@<host>:<our pid>``); also the context's name.
         :param python_path: interpreter command (str or list); default
             ``sys.executable``.
-        :param debug: the child writes a DEBUG log to ``/tmp/mitogen.<child pid>.log``
+        :param debug: the child writes a DEBUG log to ``$TMPDIR/mitogen-<uid>/mitogen.<child pid>.log``
             (default: :attr:`debug`, set by :meth:`enable_debug`).
         :param connect_timeout: seconds allowed for the bootstrap (default 30).
         :param name: the returned Context's name, if it should differ from
@@ -259,9 +259,9 @@ class Router(_native.Router):
             raise KeyError(handle)
 
     def enable_debug(self):
-        """Turn on debug logs: this program's go to ``/tmp/mitogen.<pid>.log``, and
+        """Turn on debug logs: this program's go to ``$TMPDIR/mitogen-<uid>/mitogen.<pid>.log``, and
         every context started afterwards writes its own to
-        ``/tmp/mitogen.<child pid>.log``."""
+        ``$TMPDIR/mitogen-<uid>/mitogen.<child pid>.log``."""
         core.enable_debug_logging()
         self.debug = True
 

@@ -470,7 +470,7 @@ def test_log_level_debug(spawn):
 def test_debug_log_file(spawn):
     m = spawn(debug=True)
     m.call('os', 'getpid')
-    path = '/tmp/mitogen.%d.log' % m.pid
+    path = '/tmp/mitogen-%d/mitogen.%d.log' % (os.geteuid(), m.pid)
     try:
         with open(path) as f:
             text = f.read()

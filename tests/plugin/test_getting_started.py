@@ -82,10 +82,13 @@ def test_enable_debug_example():
     ''')
     assert proc.returncode == 0, proc.stderr
     child, parent = map(int, proc.stdout.split())
-    assert os.path.getsize('/tmp/mitogen.%d.log' % child) > 0
-    assert os.path.getsize('/tmp/mitogen.%d.log' % parent) > 0
-    os.unlink('/tmp/mitogen.%d.log' % child)
-    os.unlink('/tmp/mitogen.%d.log' % parent)
+    import mitogen_native.core
+    for pid in (child, parent):
+        path = mitogen_native.core.debug_log_path(pid)
+        assert path == '/tmp/mitogen-%d/mitogen.%d.log' % (os.geteuid(), pid)
+        assert os.path.getsize(path) > 0
+        assert os.stat(path).st_mode & 0o077 == 0
+        os.unlink(path)
 
 
 def test_contexts_gone_after_shutdown():

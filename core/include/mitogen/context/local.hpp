@@ -21,7 +21,7 @@ struct connect_options {
   /// argv[0] becomes "mitogen:<remote_name>"; default "<user>@<host>:<our pid>".
   std::optional<std::string> remote_name;
   std::chrono::milliseconds connect_timeout{30000};
-  /// Child writes a DEBUG log of its own to /tmp/mitogen.<pid>.log.
+  /// Child writes a DEBUG log of its own to $TMPDIR/mitogen-<uid>/mitogen.<pid>.log.
   bool debug = false;
   /// Level of log records the child forwards (Python logging numbers).
   int log_level = 20;
