@@ -87,6 +87,32 @@ std::optional<wire::message> receiver::try_get() {
 
 // ---------------------------------------------------------------- router
 
+namespace {
+
+/// "123" or "123:name" (ADD_ROUTE/DEL_ROUTE payloads) -> id, name. False if malformed.
+bool parse_route(const std::string& data, std::uint32_t& id, std::string& name) {
+  auto colon = data.find(':');
+  std::string digits = data.substr(0, colon);
+  if (digits.empty() || digits.size() > 10) return false;
+  std::uint64_t v = 0;
+  for (char c : digits) {
+    if (c < '0' || c > '9') return false;
+    v = v * 10 + static_cast<unsigned>(c - '0');
+  }
+  if (v > 0xffffffffu) return false;
+  id = static_cast<std::uint32_t>(v);
+  name.clear();
+  if (colon != std::string::npos) {
+    name = data.substr(colon + 1, 256);
+    for (char& c : name)
+      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
+  }
+  return true;
+}
+
+}  // namespace
+
+
 std::shared_ptr<router> router::create(std::shared_ptr<broker> b) {
   auto r = std::shared_ptr<router>(new router(std::move(b)));
   std::weak_ptr<router> weak = r;
@@ -101,6 +127,18 @@ std::shared_ptr<router> router::create(std::shared_ptr<broker> b) {
                    if (auto self = weak.lock()) self->on_forward_log(m.src_id, m);
                  },
                  {.handle = wire::FORWARD_LOG, .persist = true, .respondent = std::nullopt});
+  return r;
+}
+
+std::shared_ptr<router> router::create_client(std::shared_ptr<broker> b, std::uint32_t my_id,
+                                              std::uint32_t parent_id, std::shared_ptr<stream> parent,
+                                              std::string parent_name) {
+  auto r = create(std::move(b));
+  r->my_id_ = my_id;
+  r->parent_id_ = parent_id;
+  r->parent_ = parent;
+  r->add_route(parent_id, std::move(parent_name), parent);
+  parent->start();
   return r;
 }
 
@@ -246,7 +284,27 @@ void router::deliver_local(wire::message&& m) {
   fn(std::move(m));
 }
 
+void router::on_parent_message(wire::message&& m) {
+  if (m.dst_id != my_id_ || m.src_id == my_id_ || m.auth_id == my_id_) {
+    if (first_complaint(parent_id_, peer_state::misrouted))
+      spdlog::warn("mitogen: the parent sent a message for context {} from {}; a client routes nothing, dropped "
+                   "(logged once)",
+                   m.dst_id, m.src_id);
+    return;
+  }
+  if (m.handle == wire::DEL_ROUTE && m.src_id == parent_id_ && !m.is_dead()) {
+    std::uint32_t id = 0;
+    std::string name;
+    if (parse_route(m.data, id, name) && id != parent_id_ && id != my_id_)
+      release_waiters(id, "context " + std::to_string(id) + " disconnected (reported by context " +
+                              std::to_string(parent_id_) + ")");
+    return;
+  }
+  deliver_local(std::move(m));
+}
+
 void router::on_stream_message(std::uint32_t from_id, bool trusted, wire::message&& m) {
+  if (parent_ && from_id == parent_id_) return on_parent_message(std::move(m));
   // Source verification: a child speaks for itself and for the contexts routed
   // through it (via=), never for anybody else.
   if (!speaks_for(from_id, m.src_id) || !speaks_for(from_id, m.auth_id)) {
@@ -352,15 +410,16 @@ void router::allow_forward(std::uint32_t from, std::uint32_t to, std::uint32_t h
 }
 
 void router::announce_gone(const std::vector<std::uint32_t>& ids) {
-  std::vector<std::shared_ptr<stream>> clients;
+  std::vector<std::pair<std::uint32_t, std::shared_ptr<stream>>> clients;
   {
     std::shared_lock lk(routes_mu_);
     for (auto& [k, e] : routes_)
-      if (e.trusted && e.via == k) clients.push_back(e.s);
+      if (e.trusted && e.via == k) clients.emplace_back(k, e.s);
   }
-  for (auto& c : clients) {
+  for (auto& [cid, c] : clients) {
     for (auto id : ids) {
       wire::message m;
+      m.dst_id = cid;
       m.handle = wire::DEL_ROUTE;
       m.src_id = m.auth_id = my_id_;
       m.data = std::to_string(id);
@@ -407,30 +466,6 @@ std::vector<std::uint32_t> router::descendants_of(std::uint32_t id) const {
   return out;
 }
 
-namespace {
-
-/// "123" or "123:name" (ADD_ROUTE/DEL_ROUTE payloads) -> id, name. False if malformed.
-bool parse_route(const std::string& data, std::uint32_t& id, std::string& name) {
-  auto colon = data.find(':');
-  std::string digits = data.substr(0, colon);
-  if (digits.empty() || digits.size() > 10) return false;
-  std::uint64_t v = 0;
-  for (char c : digits) {
-    if (c < '0' || c > '9') return false;
-    v = v * 10 + static_cast<unsigned>(c - '0');
-  }
-  if (v > 0xffffffffu) return false;
-  id = static_cast<std::uint32_t>(v);
-  name.clear();
-  if (colon != std::string::npos) {
-    name = data.substr(colon + 1, 256);
-    for (char& c : name)
-      if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) c = '?';
-  }
-  return true;
-}
-
-}  // namespace
 
 void router::on_add_route(std::uint32_t from_id, const wire::message& m) {
   std::uint32_t id = 0;
@@ -650,7 +685,10 @@ void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<strea
 std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
   std::shared_lock lk(routes_mu_);
   auto it = routes_.find(id);
-  return it == routes_.end() ? nullptr : it->second.s;
+  if (it != routes_.end()) return it->second.s;
+  // A client reaches everything else through its parent, while it is connected.
+  if (parent_ && id != my_id_ && routes_.count(parent_id_)) return parent_;
+  return nullptr;
 }
 
 std::string router::name_of(std::uint32_t id) const {
@@ -718,6 +756,17 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
                              std::to_string(id) + " (" + name + "), through which it was reached, disconnected: " +
                              detail);
   fail_waiters(id, "context " + std::to_string(id) + " (" + name + ") disconnected: " + detail);
+  if (parent_ && id == parent_id_) {
+    // Everything a client talks to is reached through its parent.
+    std::vector<std::uint32_t> waited;
+    {
+      std::lock_guard lk(handlers_mu_);
+      for (auto& [rid, hs] : by_respondent_) waited.push_back(rid);
+    }
+    for (auto rid : waited)
+      fail_waiters(rid, "context " + std::to_string(rid) + " is unreachable: the connection to context " +
+                            std::to_string(id) + " (" + name + ") closed: " + detail);
+  }
   std::function<void(std::function<void()>)> teardown;
   {
     std::lock_guard lk(gone_mu_);
@@ -794,6 +843,13 @@ void router::shutdown_on_broker(std::function<void()> done) {
     shutdown_done_ = std::move(done);
   }
   for (auto& [id, s] : targets) {
+    if (parent_ && id == parent_id_) {
+      // Not ours to shut down, and nothing to wait for: a client just hangs up.
+      // (Its writes go out inline, so nothing is left queued in practice.)
+      std::erase(streams, s);
+      s->close(make_error_code(errc::broker_shut_down), "client router shut down");
+      continue;
+    }
     wire::message m;
     m.dst_id = id;
     m.handle = wire::SHUTDOWN;

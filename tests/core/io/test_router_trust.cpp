@@ -112,6 +112,7 @@ TEST_CASE("a trusted client hears DEL_ROUTE when a context disconnects", "[route
   REQUIRE(t.r->wait_disconnected(t.a_id, std::chrono::seconds(5)));
   auto m = client.recv();
   CHECK(m.handle == wire::DEL_ROUTE);
+  CHECK(m.dst_id == client_id);
   CHECK(m.src_id == 0);
   CHECK(m.data == std::to_string(t.a_id));
 }

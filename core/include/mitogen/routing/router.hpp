@@ -62,6 +62,21 @@ class router : public std::enable_shared_from_this<router> {
   using handler_fn = std::function<void(wire::message&&)>;
 
   static std::shared_ptr<router> create(std::shared_ptr<broker> b);
+  /// A router for a client of another program's router (an Ansible worker attached
+  /// to the mitogen-mux daemon): `my_id` is the id that router gave us, and every
+  /// context not routed here is reached through `parent`, the stream to context
+  /// `parent_id`. The parent is trusted: its messages may carry any src_id/auth_id
+  /// but ours (it verifies its own children). DEL_ROUTE from it releases the callers
+  /// waiting on that context; when it closes, every caller waiting on any context is
+  /// released. Shutting the router down closes the parent stream (no SHUTDOWN is
+  /// sent to it). `parent` must not be started yet; create_client starts it.
+  static std::shared_ptr<router> create_client(std::shared_ptr<broker> b, std::uint32_t my_id,
+                                               std::uint32_t parent_id, std::shared_ptr<stream> parent,
+                                               std::string parent_name);
+  /// The parent's context id in client mode (create_client), else nullopt.
+  std::optional<std::uint32_t> parent_id() const noexcept {
+    return parent_ ? std::optional<std::uint32_t>(parent_id_) : std::nullopt;
+  }
   ~router();
 
   const std::shared_ptr<broker>& get_broker() const noexcept { return broker_; }
@@ -225,8 +240,13 @@ class router : public std::enable_shared_from_this<router> {
   void release_waiters(std::uint32_t id, const std::string& reason);
   void shutdown_on_broker(std::function<void()> done);
 
+  /// on_stream_message for the parent's stream (client mode).
+  void on_parent_message(wire::message&& m);  // broker thread
+
   std::shared_ptr<broker> broker_;
   std::uint32_t my_id_ = 0;
+  std::shared_ptr<stream> parent_;  ///< client mode: the stream to everything not routed here
+  std::uint32_t parent_id_ = 0;
   std::atomic<std::uint32_t> next_id_{1};
   std::atomic<std::uint32_t> next_handle_{wire::first_dynamic_handle};
   std::atomic<bool> shut_down_{false};

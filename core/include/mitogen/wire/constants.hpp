@@ -26,6 +26,13 @@ inline constexpr std::uint32_t FORWARD_MODULE = 108;
 inline constexpr std::uint32_t DETACHING = 109;
 inline constexpr std::uint32_t CALL_SERVICE = 110;
 inline constexpr std::uint32_t STUB_CALL_SERVICE = 111;
+/// The multiplexer's own handles (ours, not upstream's): what an attached client
+/// (an Ansible worker) asks the mitogen-mux daemon. See docs/ansible.md.
+inline constexpr std::uint32_t MUX_HELLO = 200;    ///< daemon -> new client: its id
+inline constexpr std::uint32_t MUX_CONNECT = 201;  ///< client: a context for this connection stack
+inline constexpr std::uint32_t MUX_RESET = 202;    ///< client: drop the context of this stack
+inline constexpr std::uint32_t MUX_STATUS = 203;   ///< client: list contexts
+inline constexpr std::uint32_t MUX_STOP = 204;     ///< client: end the daemon
 /// In `reply_to`: the message is dead (channel closed or undeliverable).
 inline constexpr std::uint32_t IS_DEAD = 999;
 /// First dynamically allocated handle.
