@@ -23,6 +23,27 @@ import time
 IMPLS = ('mitogen_native', 'mitogen')
 
 
+def measure_noop(impl, calls):
+    """No-op call latency only (for the run pinned to one CPU)."""
+    master = importlib.import_module(impl + '.master')
+    clock = time.perf_counter
+    broker = master.Broker()
+    router = master.Router(broker)
+    try:
+        ctx = router.local()
+        for _ in range(200):
+            ctx.call(os.getpid)
+        samples = []
+        for _ in range(calls):
+            t = clock()
+            ctx.call(os.getpid)
+            samples.append(clock() - t)
+        return {'noop_median_us': statistics.median(samples) * 1e6}
+    finally:
+        broker.shutdown()
+        broker.join()
+
+
 def measure(impl, calls, echo_calls, boots, rounds_10):
     master = importlib.import_module(impl + '.master')
     clock = time.perf_counter
@@ -115,19 +136,38 @@ def main():
     p.add_argument('--boots', type=int, default=10)
     p.add_argument('--rounds-10', type=int, default=3)
     p.add_argument('--markdown', action='store_true', help='print the table as Markdown')
+    p.add_argument('--pin', type=int, help='with --impl: pin every thread and child to this CPU, '
+                   'measure the no-op call only')
     args = p.parse_args()
     opts = dict(calls=args.calls, echo_calls=args.echo_calls, boots=args.boots, rounds_10=args.rounds_10)
     if args.impl:
-        print(json.dumps(measure(args.impl, **opts)))
+        if args.pin is not None:
+            # Before any thread exists: threads and children inherit the mask.
+            os.sched_setaffinity(0, {args.pin})
+            print(json.dumps(measure_noop(args.impl, args.calls)))
+        else:
+            print(json.dumps(measure(args.impl, **opts)))
         return
 
-    results = {}
-    for impl in IMPLS:
-        cmd = [sys.executable, os.path.abspath(__file__), '--impl', impl]
+    def run(impl, *extra):
+        cmd = [sys.executable, os.path.abspath(__file__), '--impl', impl] + list(extra)
         for k, v in opts.items():
             cmd += ['--' + k.replace('_', '-'), str(v)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    results = {}
+    for impl in IMPLS:
+        results[impl] = run(impl)
+        results[impl]['noop_one_cpu_us'] = run(impl, '--pin', '0')['noop_median_us']
+    # The machine's floor, in the same run (tests/bench/pingpong.py).
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import pingpong
+    floor = pingpong.pingpong(cpus=(0, 1))['median_us']
+    floor1 = pingpong.pingpong(cpus=(0, 0))['median_us']
+    for impl in IMPLS:
+        results[impl]['noop_vs_floor'] = results[impl]['noop_median_us'] / floor
+        results[impl]['noop_one_cpu_vs_floor'] = results[impl]['noop_one_cpu_us'] / floor1
 
     ours, theirs = results['mitogen_native'], results['mitogen']
     if args.markdown:
@@ -143,6 +183,14 @@ def main():
             print('| %s | %.3g %s | %.3g %s | %.1fx | %s | %s |' % (label, a, unit, b, unit, b / a, tgt, met))
         else:
             print('%-34s %11.3g %-2s %11.3g %-2s %9.1fx %10s %s' % (label, a, unit, b, unit, b / a, tgt, met))
+    print()
+    print('pipe ping-pong between two Python processes: %.1f us on CPUs 0,1, %.1f us on CPU 0 only'
+          % (floor, floor1))
+    print('no-op / ping-pong:              ours %.2fx, upstream %.2fx (target <= 1.5x)'
+          % (ours['noop_vs_floor'], theirs['noop_vs_floor']))
+    print('no-op / ping-pong, all on CPU 0: ours %.2fx (%.1f us), upstream %.2fx (%.1f us) (target <= 2.5x)'
+          % (ours['noop_one_cpu_vs_floor'], ours['noop_one_cpu_us'],
+             theirs['noop_one_cpu_vs_floor'], theirs['noop_one_cpu_us']))
 
 
 if __name__ == '__main__':
