@@ -3,9 +3,16 @@
 #include <boost/asio/steady_timer.hpp>
 #include <spdlog/spdlog.h>
 
+#include "log_forwarder.hpp"
 #include "mitogen/errors.hpp"
 #include "mitogen/wire/constants.hpp"
 #include "mitogen/wire/pickle.hpp"
+#include "route_table.hpp"
+
+// The router's units: this file (handlers, inbound dispatch, forwarding policy,
+// disconnects, shutdown), route_table.cpp (which stream reaches which context, id
+// ownership, forwarding grants), log_forwarder.cpp (FORWARD_LOG with its rate
+// limit) and receiver.cpp (the queues callers wait on).
 
 namespace mitogen {
 namespace {
@@ -13,81 +20,6 @@ namespace {
 /// Bytes queued towards a context above which messages forwarded to it from other
 /// children are refused (docs/via.md).
 constexpr std::size_t max_forward_backlog = 64u << 20;
-
-}  // namespace
-
-// ---------------------------------------------------------------- receiver
-
-receiver::~receiver() {
-  if (auto r = router_.lock()) r->del_handler(handle_);
-}
-
-void receiver::push(wire::message&& m) {
-  std::function<void()> notify;
-  {
-    std::lock_guard lk(mu_);
-    q_.push_back(std::move(m));
-    notify = notify_;
-  }
-  cv_.notify_all();
-  if (notify) notify();
-}
-
-void receiver::close(const std::string& reason) {
-  if (auto r = router_.lock()) r->del_handler(handle_);
-  std::function<void()> notify;
-  {
-    std::lock_guard lk(mu_);
-    if (dead_ && q_.empty()) return;
-    q_.clear();
-    auto m = wire::message::dead(0, handle_, reason);
-    if (auto r = router_.lock()) m.src_id = m.dst_id = r->context_id();
-    dead_ = std::move(m);
-    notify = notify_;
-  }
-  cv_.notify_all();
-  if (notify) notify();
-}
-
-std::size_t receiver::size() {
-  std::lock_guard lk(mu_);
-  return q_.empty() && dead_ ? 1 : q_.size();
-}
-
-std::size_t receiver::set_notify(std::function<void()> fn) {
-  std::lock_guard lk(mu_);
-  notify_ = std::move(fn);
-  return q_.empty() && dead_ ? 1 : q_.size();
-}
-
-wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> timeout) {
-  std::unique_lock lk(mu_);
-  auto ready = [&] { return !q_.empty() || dead_.has_value(); };
-  if (timeout) {
-    if (!cv_.wait_for(lk, *timeout, ready)) throw timeout_error("receive timed out");
-  } else {
-    cv_.wait(lk, ready);
-  }
-  if (q_.empty()) return *dead_;
-  wire::message m = std::move(q_.front());
-  q_.pop_front();
-  // A dead message ends the channel: keep answering it.
-  if (m.is_dead()) dead_ = m;
-  return m;
-}
-
-std::optional<wire::message> receiver::try_get() {
-  std::lock_guard lk(mu_);
-  if (q_.empty()) return dead_;
-  wire::message m = std::move(q_.front());
-  q_.pop_front();
-  if (m.is_dead()) dead_ = m;
-  return m;
-}
-
-// ---------------------------------------------------------------- router
-
-namespace {
 
 /// "123" or "123:name" (ADD_ROUTE/DEL_ROUTE payloads) -> id, name. False if malformed.
 bool parse_route(const std::string& data, std::uint32_t& id, std::string& name) {
@@ -112,6 +44,7 @@ bool parse_route(const std::string& data, std::uint32_t& id, std::string& name) 
 
 }  // namespace
 
+// ---------------------------------------------------------------- creation
 
 std::shared_ptr<router> router::create(std::shared_ptr<broker> b) {
   auto r = std::shared_ptr<router>(new router(std::move(b)));
@@ -124,7 +57,7 @@ std::shared_ptr<router> router::create(std::shared_ptr<broker> b) {
   });
   r->add_handler([weak](wire::message&& m) {
                    if (m.is_dead()) return;
-                   if (auto self = weak.lock()) self->on_forward_log(m.src_id, m);
+                   if (auto self = weak.lock()) self->logs_->on_record(m.src_id, m.data);
                  },
                  {.handle = wire::FORWARD_LOG, .persist = true, .respondent = std::nullopt});
   return r;
@@ -142,10 +75,15 @@ std::shared_ptr<router> router::create_client(std::shared_ptr<broker> b, std::ui
   return r;
 }
 
-router::router(std::shared_ptr<broker> b) : broker_(std::move(b)) {}
+router::router(std::shared_ptr<broker> b)
+    : broker_(std::move(b)),
+      table_(std::make_unique<detail::route_table>()),
+      logs_(std::make_unique<detail::log_forwarder>([this](std::uint32_t id) { return name_of(id); })) {}
 
 // Streams hold the router until they close, so by now no child is connected.
 router::~router() { broker_->remove_shutdown_hook(hook_id_); }
+
+// ---------------------------------------------------------------- handlers
 
 std::uint32_t router::add_handler(handler_fn fn, handler_options opts) {
   std::lock_guard lk(handlers_mu_);
@@ -199,6 +137,10 @@ std::shared_ptr<receiver> router::make_receiver(handler_options opts) {
   return rx;
 }
 
+void router::set_log_sink(log_sink sink) { logs_->set_sink(std::move(sink)); }
+
+// ---------------------------------------------------------------- outbound
+
 void router::route(wire::message m) {
   m.src_id = my_id_;
   m.auth_id = my_id_;
@@ -234,6 +176,15 @@ void router::deliver_dead(std::uint32_t handle, std::string reason) {
   fn(std::move(dead));
 }
 
+void router::refuse(std::uint32_t via_id, const wire::message& m, const std::string& reason) {
+  if (!m.reply_to || m.is_dead()) return;
+  auto dead = wire::message::dead(m.src_id, m.reply_to, reason);
+  dead.src_id = dead.auth_id = my_id_;
+  if (auto s = stream_for(via_id)) s->send(std::move(dead));
+}
+
+// ---------------------------------------------------------------- inbound
+
 void router::deliver_local(wire::message&& m) {
   handler_fn fn;
   {
@@ -242,29 +193,20 @@ void router::deliver_local(wire::message&& m) {
     if (it == handlers_.end()) {
       if (!m.is_dead()) spdlog::debug("mitogen: no handler for handle {} (from {})", m.handle, m.src_id);
       // Tell the sender nobody is listening, so its caller does not wait forever.
-      if (m.reply_to && !m.is_dead() && m.src_id != my_id_) {
-        auto dead = wire::message::dead(m.src_id, m.reply_to, "no such handle in context " + std::to_string(my_id_));
-        dead.src_id = my_id_;
-        dead.auth_id = my_id_;
-        if (auto s = stream_for(m.src_id)) s->send(dead);
-      }
+      if (m.src_id != my_id_) refuse(m.src_id, m, "no such handle in context " + std::to_string(my_id_));
       return;
     }
     auto& e = it->second;
     if (e.respondent && *e.respondent != m.src_id && m.src_id != my_id_) {
-      if (first_complaint(m.src_id, peer_state::foreign_handle))
+      if (first_complaint(m.src_id, foreign_handle))
         spdlog::warn("mitogen: context {} sent to handle {} reserved for context {}; dropped (logged once)",
                      m.src_id, m.handle, *e.respondent);
       return;
     }
     if (e.policy && m.src_id != my_id_ && !e.policy(m)) {
-      if (first_complaint(m.src_id, peer_state::refused_by_policy))
+      if (first_complaint(m.src_id, refused_by_policy))
         spdlog::warn("mitogen: context {} may not send to handle {}; dropped (logged once)", m.src_id, m.handle);
-      if (m.reply_to && !m.is_dead()) {
-        auto dead = wire::message::dead(m.src_id, m.reply_to, "refused by the policy of handle " + std::to_string(m.handle));
-        dead.src_id = dead.auth_id = my_id_;
-        if (auto s = stream_for(m.src_id)) s->send(dead);
-      }
+      refuse(m.src_id, m, "refused by the policy of handle " + std::to_string(m.handle));
       return;
     }
     if (e.persist && !m.is_dead()) {
@@ -286,7 +228,7 @@ void router::deliver_local(wire::message&& m) {
 
 void router::on_parent_message(wire::message&& m) {
   if (m.dst_id != my_id_ || m.src_id == my_id_ || m.auth_id == my_id_) {
-    if (first_complaint(parent_id_, peer_state::misrouted))
+    if (first_complaint(parent_id_, misrouted))
       spdlog::warn("mitogen: the parent sent a message for context {} from {}; a client routes nothing, dropped "
                    "(logged once)",
                    m.dst_id, m.src_id);
@@ -296,8 +238,7 @@ void router::on_parent_message(wire::message&& m) {
     std::uint32_t id = 0;
     std::string name;
     if (parse_route(m.data, id, name) && id != parent_id_ && id != my_id_)
-      release_waiters(id, "context " + std::to_string(id) + " disconnected (reported by context " +
-                              std::to_string(parent_id_) + ")");
+      contexts_gone({{id, name}}, "reported by context " + std::to_string(parent_id_));
     return;
   }
   deliver_local(std::move(m));
@@ -307,191 +248,112 @@ void router::on_stream_message(std::uint32_t from_id, bool trusted, wire::messag
   if (parent_ && from_id == parent_id_) return on_parent_message(std::move(m));
   // Source verification: a child speaks for itself and for the contexts routed
   // through it (via=), never for anybody else.
-  if (!speaks_for(from_id, m.src_id) || !speaks_for(from_id, m.auth_id)) {
-    if (first_complaint(from_id, peer_state::spoofed))
+  if (!table_->speaks_for(from_id, m.src_id) || !table_->speaks_for(from_id, m.auth_id)) {
+    if (first_complaint(from_id, spoofed))
       spdlog::warn("mitogen: context {} ({}) sent a message claiming src_id={} auth_id={}; dropped (logged once)",
                    from_id, name_of(from_id), m.src_id, m.auth_id);
     return;
   }
   // A trusted client acts with our authority (upstream's unix listener does the same).
   if (trusted) m.auth_id = my_id_;
-  if (m.dst_id == my_id_) {
-    if (!m.is_dead()) {
-      switch (m.handle) {
-        case wire::ADD_ROUTE: return on_add_route(from_id, m);
-        case wire::DEL_ROUTE: return on_del_route(from_id, m);
-        case wire::ALLOCATE_ID: return on_allocate_id(from_id, m);
-        default: break;
-      }
+  if (m.dst_id != my_id_) return forward(from_id, trusted, std::move(m));
+  if (!m.is_dead()) {
+    switch (m.handle) {
+      case wire::ADD_ROUTE: return on_add_route(from_id, m);
+      case wire::DEL_ROUTE: return on_del_route(from_id, m);
+      case wire::ALLOCATE_ID: return on_allocate_id(from_id, m);
+      default: break;
     }
-    deliver_local(std::move(m));
-    return;
   }
+  deliver_local(std::move(m));
+}
+
+void router::forward(std::uint32_t from_id, bool trusted, wire::message&& m) {
   // For another context (a sibling, or a descendant of one): forward it as it is,
   // unless this router is unidirectional and nobody allowed that path.
-  if (!trusted && unidirectional_.load() && !may_forward(from_id, m)) {
-    if (first_complaint(from_id, peer_state::unidirectional))
+  const auto dst = m.dst_id;
+  if (!trusted && unidirectional_.load() && !table_->may_forward(m.src_id, dst, m.handle)) {
+    if (first_complaint(from_id, unidirectional_refusal))
       spdlog::warn("mitogen: context {} ({}) sent to context {}, which this unidirectional router does not allow; "
                    "refused (logged once)",
-                   m.src_id, name_of(from_id), m.dst_id);
-    refuse(from_id, m,
-           "context " + std::to_string(m.src_id) + " may not send to context " + std::to_string(m.dst_id) +
-               ": the router is unidirectional (docs/security.md)");
-    return;
+                   m.src_id, name_of(from_id), dst);
+    return refuse(from_id, m,
+                  "context " + std::to_string(m.src_id) + " may not send to context " + std::to_string(dst) +
+                      ": the router is unidirectional (docs/security.md)");
   }
   std::shared_ptr<stream> s;
-  if (!shut_down_.load()) s = stream_for(m.dst_id);
-  if (s && s->queued_bytes() > max_forward_backlog) {
+  if (!shut_down_.load()) s = stream_for(dst);
+  if (!s) {
+    if (first_complaint(from_id, misrouted))
+      spdlog::warn("mitogen: context {} sent to context {}; no route, dropped (logged once)", from_id, dst);
+    return refuse(from_id, m, "no route to context " + std::to_string(dst));
+  }
+  if (s->queued_bytes() > max_forward_backlog) {
     // The broker thread never waits for a stream to drain, so a child flooding a
     // sibling that does not read would make us queue without bound.
-    if (first_complaint(from_id, peer_state::misrouted))
+    if (first_complaint(from_id, misrouted))
       spdlog::warn("mitogen: context {} sends to context {}, which is not reading ({} bytes queued); dropping "
                    "(logged once)",
-                   from_id, m.dst_id, s->queued_bytes());
-    refuse(from_id, m, "context " + std::to_string(m.dst_id) + " is not reading; message dropped");
-    return;
+                   from_id, dst, s->queued_bytes());
+    return refuse(from_id, m, "context " + std::to_string(dst) + " is not reading; message dropped");
   }
-  if (s) {
-    const auto dst = m.dst_id;
-    const auto src = m.src_id;
-    const auto reply_to = m.is_dead() ? 0 : m.reply_to;
-    if (s->send(std::move(m)) || !reply_to) return;
-    wire::message fake;
-    fake.src_id = src;
-    fake.reply_to = reply_to;
-    refuse(from_id, fake, "no route to context " + std::to_string(dst));
-    return;
-  }
-  if (first_complaint(from_id, peer_state::misrouted))
-    spdlog::warn("mitogen: context {} sent to context {}; no route, dropped (logged once)", from_id, m.dst_id);
-  refuse(from_id, m, "no route to context " + std::to_string(m.dst_id));
+  wire::message head;  // what refuse() needs if the send fails after the move
+  head.src_id = m.src_id;
+  head.reply_to = m.is_dead() ? 0 : m.reply_to;
+  if (!s->send(std::move(m))) refuse(from_id, head, "no route to context " + std::to_string(dst));
 }
 
-void router::refuse(std::uint32_t from_id, const wire::message& m, const std::string& reason) {
-  if (!m.reply_to || m.is_dead()) return;
-  auto dead = wire::message::dead(m.src_id, m.reply_to, reason);
-  dead.src_id = my_id_;
-  dead.auth_id = my_id_;
-  if (auto s = stream_for(from_id)) s->send(std::move(dead));
+bool router::first_complaint(std::uint32_t id, unsigned what) {
+  auto& warned = complaints_[id];
+  if (warned & what) return false;
+  warned |= what;
+  return true;
 }
 
-bool router::trusted_locked(std::uint32_t id) const {
-  auto it = routes_.find(id);
-  if (it == routes_.end()) return false;
-  if (it->second.via != id) it = routes_.find(it->second.via);
-  return it != routes_.end() && it->second.trusted;
+// ---------------------------------------------------------------- routes
+
+void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s, route_options opts) {
+  // The stream keeps the router alive until it closes (the callbacks are dropped on
+  // close), so a child's teardown always finds its router.
+  auto self = shared_from_this();
+  const bool trusted = opts.trusted;
+  s->on_message([self, id, trusted](wire::message&& m) { self->on_stream_message(id, trusted, std::move(m)); });
+  s->on_disconnect([self, id](std::error_code ec, const std::string& detail) {
+    self->on_stream_gone(id, ec, detail);
+  });
+  table_->add_direct(id, std::move(name), std::move(s), my_id_, trusted);
 }
 
-bool router::may_forward(std::uint32_t from_id, const wire::message& m) const {
-  std::shared_lock lk(routes_mu_);
-  if (trusted_locked(m.dst_id)) return true;
-  auto g = grants_.find({m.dst_id, m.handle});
-  return g != grants_.end() && g->second.count(m.src_id) > 0;
+std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
+  if (auto s = table_->stream_for(id)) return s;
+  // A client reaches everything else through its parent, while it is connected.
+  if (parent_ && id != my_id_ && table_->contains(parent_id_)) return parent_;
+  return nullptr;
 }
 
-void router::forget_grants_locked(std::uint32_t id, const std::vector<std::pair<std::uint32_t, std::string>>& more) {
-  if (grants_.empty()) return;
-  std::unordered_set<std::uint32_t> gone;
-  if (id) gone.insert(id);
-  for (auto& g : more) gone.insert(g.first);
-  for (auto it = grants_.begin(); it != grants_.end();) {
-    if (gone.count(it->first.first)) {
-      it = grants_.erase(it);
-      continue;
-    }
-    for (auto f = it->second.begin(); f != it->second.end();) f = gone.count(*f) ? it->second.erase(f) : std::next(f);
-    it = it->second.empty() ? grants_.erase(it) : std::next(it);
-  }
-}
+std::uint32_t router::routed_via(std::uint32_t id) const { return table_->routed_via(id); }
+
+std::vector<std::uint32_t> router::descendants_of(std::uint32_t id) const { return table_->descendants_of(id); }
+
+std::string router::name_of(std::uint32_t id) const { return table_->name_of(id); }
 
 void router::allow_forward(std::uint32_t from, std::uint32_t to, std::uint32_t handle) {
-  std::unique_lock lk(routes_mu_);
-  grants_[{to, handle}].insert(from);
-}
-
-void router::announce_gone(const std::vector<std::uint32_t>& ids) {
-  std::vector<std::pair<std::uint32_t, std::shared_ptr<stream>>> clients;
-  {
-    std::shared_lock lk(routes_mu_);
-    for (auto& [k, e] : routes_)
-      if (e.trusted && e.via == k) clients.emplace_back(k, e.s);
-  }
-  for (auto& [cid, c] : clients) {
-    for (auto id : ids) {
-      wire::message m;
-      m.dst_id = cid;
-      m.handle = wire::DEL_ROUTE;
-      m.src_id = m.auth_id = my_id_;
-      m.data = std::to_string(id);
-      c->send(std::move(m));
-    }
-  }
-}
-
-bool router::speaks_for(std::uint32_t from_id, std::uint32_t id) const {
-  if (id == from_id) return true;  // the common case costs no lock
-  std::shared_lock lk(routes_mu_);
-  auto it = routes_.find(id);
-  return it != routes_.end() && it->second.via == from_id;
-}
-
-std::uint32_t router::owner_of(std::uint32_t id) const {
-  auto it = blocks_.upper_bound(id);
-  if (it == blocks_.begin()) return 0;
-  --it;
-  return id < it->second.end ? it->second.owner : 0;
+  table_->allow_forward(from, to, handle);
 }
 
 std::uint32_t router::allocate_id_via(std::uint32_t via_id) {
-  std::unique_lock lk(routes_mu_);
-  auto it = routes_.find(via_id);
-  if (it == routes_.end())
+  auto id = table_->allocate_via(via_id, next_id_);
+  if (!id)
     throw channel_error("mitogen: context " + std::to_string(via_id) + " is not connected; cannot start a context via it");
-  const std::uint32_t id = next_id_.fetch_add(1);
-  blocks_[id] = id_block{id + 1, it->second.via};
-  return id;
+  return *id;
 }
-
-std::uint32_t router::routed_via(std::uint32_t id) const {
-  std::shared_lock lk(routes_mu_);
-  auto it = routes_.find(id);
-  return it == routes_.end() ? 0 : it->second.via;
-}
-
-std::vector<std::uint32_t> router::descendants_of(std::uint32_t id) const {
-  std::vector<std::uint32_t> out;
-  std::shared_lock lk(routes_mu_);
-  for (auto& [k, e] : routes_)
-    if (e.via == id && k != id) out.push_back(k);
-  return out;
-}
-
 
 void router::on_add_route(std::uint32_t from_id, const wire::message& m) {
   std::uint32_t id = 0;
   std::string name;
-  std::string why;
-  if (!parse_route(m.data, id, name)) {
-    why = "malformed payload";
-  } else {
-    std::unique_lock lk(routes_mu_);
-    auto cur = routes_.find(id);
-    auto parent = routes_.find(m.src_id);
-    if (id == 0 || id == my_id_)
-      why = "id " + std::to_string(id) + " is reserved";
-    else if (owner_of(id) != from_id)
-      why = "id " + std::to_string(id) + " was not allocated to this context";
-    else if (cur != routes_.end() && cur->second.via != from_id)
-      why = "id " + std::to_string(id) + " is routed elsewhere";
-    else if (parent == routes_.end())
-      why = "its parent is not connected";
-    else {
-      if (name.empty()) name = "context" + std::to_string(id);
-      routes_[id] = route_entry{std::move(name), parent->second.s, from_id, m.src_id};
-      return;
-    }
-  }
-  if (first_complaint(from_id, peer_state::bad_route))
+  std::string why = parse_route(m.data, id, name) ? table_->add_descendant(from_id, m.src_id, id, name, my_id_)
+                                                  : "malformed payload";
+  if (!why.empty() && first_complaint(from_id, bad_route))
     spdlog::warn("mitogen: context {} ({}) sent ADD_ROUTE '{}': {}; refused (logged once)", from_id, name_of(from_id),
                  m.data.substr(0, 64), why);
 }
@@ -499,71 +361,31 @@ void router::on_add_route(std::uint32_t from_id, const wire::message& m) {
 void router::on_del_route(std::uint32_t from_id, const wire::message& m) {
   std::uint32_t id = 0;
   std::string name;
-  std::vector<std::pair<std::uint32_t, std::string>> gone;
-  if (parse_route(m.data, id, name) && id != from_id) {
-    std::unique_lock lk(routes_mu_);
-    auto it = routes_.find(id);
-    if (it != routes_.end() && it->second.via == from_id) {
-      // The context and everything it started (the agent reports each, but a
-      // context that lost its parent cannot be reached either way).
-      std::unordered_set<std::uint32_t> dead{id};
-      gone.emplace_back(id, it->second.name);
-      routes_.erase(it);
-      for (bool more = true; more;) {
-        more = false;
-        for (auto r = routes_.begin(); r != routes_.end();) {
-          if (r->second.via == from_id && dead.count(r->second.parent)) {
-            dead.insert(r->first);
-            gone.emplace_back(r->first, r->second.name);
-            r = routes_.erase(r);
-            more = true;
-          } else {
-            ++r;
-          }
-        }
-      }
-      forget_grants_locked(0, gone);
-    }
-  }
+  detail::route_table::gone_list gone;
+  if (parse_route(m.data, id, name)) gone = table_->remove_subtree(from_id, id);
   if (gone.empty()) {
     {
       // Already gone (an intermediary reports each context of a lost subtree).
       std::lock_guard lk(gone_mu_);
       if (gone_.count(id)) return;
     }
-    if (first_complaint(from_id, peer_state::bad_route))
+    if (first_complaint(from_id, bad_route))
       spdlog::warn("mitogen: context {} ({}) sent DEL_ROUTE '{}' for a context it does not route; ignored (logged "
                    "once)",
                    from_id, name_of(from_id), m.data.substr(0, 64));
     return;
   }
-  {
-    std::vector<std::uint32_t> ids;
-    for (auto& g : gone) ids.push_back(g.first);
-    announce_gone(ids);
-  }
-  for (auto& [gid, gname] : gone) {
+  for (auto& [gid, gname] : gone)
     spdlog::debug("mitogen: context {} ({}) disconnected (DEL_ROUTE from {})", gid, gname, m.src_id);
-    release_waiters(gid, "context " + std::to_string(gid) + " (" + gname + ") disconnected: its parent, context " +
-                             std::to_string(m.src_id) + ", reported it gone");
-  }
+  contexts_gone(gone, "its parent, context " + std::to_string(m.src_id) + ", reported it gone");
 }
 
 void router::on_allocate_id(std::uint32_t from_id, const wire::message& m) {
   if (!m.reply_to) return;
-  std::uint32_t first = 0;
-  {
-    std::unique_lock lk(routes_mu_);
-    std::size_t held = 0;
-    for (auto& [k, b] : blocks_)
-      if (b.owner == from_id && b.end - k > 1) ++held;
-    if (held < max_blocks_per_child && !shut_down_.load()) {
-      first = next_id_.fetch_add(id_block_size);
-      blocks_[first] = id_block{first + id_block_size, from_id};
-    }
-  }
+  std::uint32_t first =
+      shut_down_.load() ? 0 : table_->allocate_block(from_id, next_id_, id_block_size, max_blocks_per_child);
   if (!first) {
-    if (first_complaint(from_id, peer_state::bad_alloc))
+    if (first_complaint(from_id, bad_alloc))
       spdlog::warn("mitogen: context {} ({}) asked for more than {} id blocks; refused (logged once)", from_id,
                    name_of(from_id), max_blocks_per_child);
     return refuse(from_id, m, "ALLOCATE_ID refused: block limit reached");
@@ -578,6 +400,8 @@ void router::on_allocate_id(std::uint32_t from_id, const wire::message& m) {
   reply.data = wire::encode(wire::value(std::move(t)));
   if (auto s = stream_for(from_id)) s->send(std::move(reply));
 }
+
+// ---------------------------------------------------------------- disconnects
 
 void router::fail_waiters(std::uint32_t id, const std::string& reason) {
   std::vector<std::pair<std::uint32_t, handler_fn>> waiting;
@@ -601,100 +425,30 @@ void router::fail_waiters(std::uint32_t id, const std::string& reason) {
   }
 }
 
-void router::release_waiters(std::uint32_t id, const std::string& reason) {
-  fail_waiters(id, reason);
+void router::contexts_gone(const std::vector<std::pair<std::uint32_t, std::string>>& gone, const std::string& why) {
+  // Clients of ours wait on these contexts too: tell them first.
+  auto clients = table_->direct(true);
+  for (auto& [cid, c] : clients) {
+    for (auto& g : gone) {
+      wire::message m;
+      m.dst_id = cid;
+      m.handle = wire::DEL_ROUTE;
+      m.src_id = m.auth_id = my_id_;
+      m.data = std::to_string(g.first);
+      c->send(std::move(m));
+    }
+  }
+  for (auto& [id, name] : gone) {
+    fail_waiters(id, "context " + std::to_string(id) + (name.empty() ? "" : " (" + name + ")") +
+                         " disconnected: " + why);
+    logs_->context_gone(id, name);
+    complaints_.erase(id);
+  }
   {
     std::lock_guard lk(gone_mu_);
-    gone_.insert(id);
+    for (auto& g : gone) gone_.insert(g.first);
   }
   gone_cv_.notify_all();
-  peers_.erase(id);
-}
-
-bool router::first_complaint(std::uint32_t id, unsigned what) {
-  auto& p = peers_[id];
-  if (p.warned & what) return false;
-  p.warned |= what;
-  return true;
-}
-
-void router::on_forward_log(std::uint32_t from_id, const wire::message& m) {
-  // A child may log a lot, but not drown the controller: a token bucket per child.
-  auto& peer = peers_[from_id];
-  auto now = std::chrono::steady_clock::now();
-  peer.log_tokens = std::min(log_burst, peer.log_tokens + log_rate * std::chrono::duration<double>(now - peer.log_refill).count());
-  peer.log_refill = now;
-  if (peer.log_tokens < 1.0) {
-    if (peer.logs_dropped++ == 0 && first_complaint(from_id, peer_state::flooding))
-      spdlog::warn("mitogen: context {} ({}) sends more than {} log records per second; dropping the excess "
-                   "(logged once)",
-                   from_id, name_of(from_id), log_rate);
-    return;
-  }
-  peer.log_tokens -= 1.0;
-  // "name\0level\0text"; anything malformed is shown as it is.
-  std::string logger = "?", text;
-  int level = 20;
-  auto a = m.data.find('\0');
-  auto b = a == std::string::npos ? std::string::npos : m.data.find('\0', a + 1);
-  if (b != std::string::npos) {
-    logger = m.data.substr(0, a);
-    try {
-      level = std::stoi(m.data.substr(a + 1, b - a - 1));
-    } catch (...) {
-    }
-    text = m.data.substr(b + 1);
-  } else {
-    text = m.data;
-  }
-  std::string name = name_of(from_id);
-  log_sink sink;
-  {
-    std::lock_guard lk(sink_mu_);
-    sink = log_sink_;
-  }
-  if (sink) {
-    sink(from_id, name, logger, level, text);
-    return;
-  }
-  auto lvl = level >= 40 ? spdlog::level::err
-             : level >= 30 ? spdlog::level::warn
-             : level >= 20 ? spdlog::level::info
-                           : spdlog::level::debug;
-  spdlog::log(lvl, "[{}] {}: {}", name, logger, text);
-}
-
-void router::set_log_sink(log_sink sink) {
-  std::lock_guard lk(sink_mu_);
-  log_sink_ = std::move(sink);
-}
-
-void router::add_route(std::uint32_t id, std::string name, std::shared_ptr<stream> s, route_options opts) {
-  // The stream keeps the router alive until it closes (the callbacks are dropped on
-  // close), so a child's teardown always finds its router.
-  auto self = shared_from_this();
-  const bool trusted = opts.trusted;
-  s->on_message([self, id, trusted](wire::message&& m) { self->on_stream_message(id, trusted, std::move(m)); });
-  s->on_disconnect([self, id](std::error_code ec, const std::string& detail) {
-    self->on_stream_gone(id, ec, detail);
-  });
-  std::unique_lock lk(routes_mu_);
-  routes_[id] = route_entry{std::move(name), std::move(s), id, my_id_, trusted};
-}
-
-std::shared_ptr<stream> router::stream_for(std::uint32_t id) const {
-  std::shared_lock lk(routes_mu_);
-  auto it = routes_.find(id);
-  if (it != routes_.end()) return it->second.s;
-  // A client reaches everything else through its parent, while it is connected.
-  if (parent_ && id != my_id_ && routes_.count(parent_id_)) return parent_;
-  return nullptr;
-}
-
-std::string router::name_of(std::uint32_t id) const {
-  std::shared_lock lk(routes_mu_);
-  auto it = routes_.find(id);
-  return it == routes_.end() ? std::string() : it->second.name;
 }
 
 void router::disconnect(std::uint32_t id, std::error_code why, const std::string& detail) {
@@ -715,47 +469,15 @@ void router::add_teardown(std::uint32_t id, std::function<void(std::function<voi
 }
 
 void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail) {
-  std::string name;
-  std::vector<std::pair<std::uint32_t, std::string>> descendants;
-  {
-    std::unique_lock lk(routes_mu_);
-    auto it = routes_.find(id);
-    if (it != routes_.end()) {
-      name = it->second.name;
-      routes_.erase(it);
-    }
-    // Everything started through this child is unreachable now.
-    for (auto r = routes_.begin(); r != routes_.end();) {
-      if (r->second.via == id) {
-        descendants.emplace_back(r->first, r->second.name);
-        r = routes_.erase(r);
-      } else {
-        ++r;
-      }
-    }
-    for (auto b = blocks_.begin(); b != blocks_.end();) b = b->second.owner == id ? blocks_.erase(b) : std::next(b);
-    forget_grants_locked(id, descendants);
-  }
+  auto [name, descendants] = table_->remove_direct(id);
   if (ec == errc::protocol_error)
     spdlog::warn("mitogen: context {} ({}) broke the protocol and was disconnected: {}", id, name, detail);
   else
     spdlog::debug("mitogen: context {} ({}) disconnected: {}", id, name, detail);
-  if (auto p = peers_.find(id); p != peers_.end()) {
-    if (p->second.logs_dropped)
-      spdlog::warn("mitogen: dropped {} log records from context {} ({})", p->second.logs_dropped, id, name);
-    peers_.erase(p);
-  }
-  {
-    std::vector<std::uint32_t> ids{id};
-    for (auto& d : descendants) ids.push_back(d.first);
-    announce_gone(ids);
-  }
   // Release every caller waiting on this context or on one reached through it, now.
-  for (auto& [did, dname] : descendants)
-    release_waiters(did, "context " + std::to_string(did) + " (" + dname + ") disconnected: context " +
-                             std::to_string(id) + " (" + name + "), through which it was reached, disconnected: " +
-                             detail);
-  fail_waiters(id, "context " + std::to_string(id) + " (" + name + ") disconnected: " + detail);
+  contexts_gone(descendants, "context " + std::to_string(id) + " (" + name +
+                                 "), through which it was reached, disconnected: " + detail);
+  contexts_gone({{id, name}}, detail);
   if (parent_ && id == parent_id_) {
     // Everything a client talks to is reached through its parent.
     std::vector<std::uint32_t> waited;
@@ -770,7 +492,6 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
   std::function<void(std::function<void()>)> teardown;
   {
     std::lock_guard lk(gone_mu_);
-    gone_.insert(id);
     auto it = teardowns_.find(id);
     if (it != teardowns_.end()) {
       teardown = std::move(it->second);
@@ -778,30 +499,28 @@ void router::on_stream_gone(std::uint32_t id, std::error_code ec, const std::str
       ++teardowns_running_;
     }
   }
-  gone_cv_.notify_all();
-  if (teardown) {
-    auto self = shared_from_this();
-    teardown([self] {
-      std::function<void()> done;
-      {
-        std::lock_guard lk(self->gone_mu_);
-        --self->teardowns_running_;
-        if (self->teardowns_running_ == 0 && self->shutdown_done_) {
-          std::shared_lock rl(self->routes_mu_);
-          if (self->routes_.empty()) done = std::move(self->shutdown_done_);
-        }
-      }
-      if (done) done();
-    });
-  } else if (shut_down_.load()) {
-    std::function<void()> done;
+  if (!teardown) return finish_shutdown_if_idle();
+  teardown([self = shared_from_this()] {
     {
-      std::lock_guard lk(gone_mu_);
-      std::shared_lock rl(routes_mu_);
-      if (teardowns_running_ == 0 && routes_.empty() && shutdown_done_) done = std::move(shutdown_done_);
+      std::lock_guard lk(self->gone_mu_);
+      --self->teardowns_running_;
     }
-    if (done) done();
+    self->finish_shutdown_if_idle();
+  });
+}
+
+// ---------------------------------------------------------------- shutdown
+
+void router::finish_shutdown_if_idle() {
+  std::function<void()> done;
+  {
+    std::lock_guard lk(gone_mu_);
+    if (shutdown_done_ && teardowns_running_ == 0 && table_->empty()) {
+      done = std::move(shutdown_done_);
+      shutdown_done_ = nullptr;
+    }
   }
+  if (done) done();
 }
 
 void router::shutdown() {
@@ -813,40 +532,24 @@ void router::shutdown() {
 void router::shutdown_on_broker(std::function<void()> done) {
   if (shut_down_.exchange(true)) {
     // Already shut down by the user: finish when the remaining teardowns do.
-    bool finished;
     {
       std::lock_guard lk(gone_mu_);
-      std::shared_lock rl(routes_mu_);
-      finished = routes_.empty() && teardowns_running_ == 0;
-      if (!finished) {
-        shutdown_done_ = [prev = std::move(shutdown_done_), done = std::move(done)] {
-          if (prev) prev();
-          done();
-        };
-      }
+      shutdown_done_ = [prev = std::move(shutdown_done_), done = std::move(done)] {
+        if (prev) prev();
+        done();
+      };
     }
-    if (finished) done();
-    return;
-  }
-  std::vector<std::pair<std::uint32_t, std::shared_ptr<stream>>> targets;
-  std::vector<std::shared_ptr<stream>> streams;
-  {
-    std::shared_lock lk(routes_mu_);
-    for (auto& [id, e] : routes_) {
-      if (e.via != id) continue;  // reached through a child: it goes with that child
-      targets.emplace_back(id, e.s);
-      streams.push_back(e.s);
-    }
+    return finish_shutdown_if_idle();
   }
   {
     std::lock_guard lk(gone_mu_);
     shutdown_done_ = std::move(done);
   }
-  for (auto& [id, s] : targets) {
+  std::vector<std::shared_ptr<stream>> streams;
+  for (auto& [id, s] : table_->direct(false)) {
     if (parent_ && id == parent_id_) {
       // Not ours to shut down, and nothing to wait for: a client just hangs up.
       // (Its writes go out inline, so nothing is left queued in practice.)
-      std::erase(streams, s);
       s->close(make_error_code(errc::broker_shut_down), "client router shut down");
       continue;
     }
@@ -855,6 +558,7 @@ void router::shutdown_on_broker(std::function<void()> done) {
     m.handle = wire::SHUTDOWN;
     m.src_id = m.auth_id = my_id_;
     s->send(std::move(m));
+    streams.push_back(s);
   }
   // Keep reading while the children flush their last output and exit (their EOF
   // closes each stream); hang up on whoever is still there after the grace period.
@@ -883,13 +587,7 @@ void router::shutdown_on_broker(std::function<void()> done) {
     by_respondent_.clear();
   }
   for (auto& [h, fn] : rest) fn(wire::message::dead(my_id_, h, "router shut down"));
-  std::function<void()> now;
-  {
-    std::lock_guard lk(gone_mu_);
-    std::shared_lock rl(routes_mu_);
-    if (routes_.empty() && teardowns_running_ == 0) now = std::move(shutdown_done_);
-  }
-  if (now) now();
+  finish_shutdown_if_idle();
 }
 
 }  // namespace mitogen

@@ -6,10 +6,9 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
-#include <map>
 #include <memory>
 #include <mutex>
-#include <shared_mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <unordered_set>
@@ -21,6 +20,11 @@
 #include "mitogen/wire/message.hpp"
 
 namespace mitogen {
+
+namespace detail {
+class route_table;
+class log_forwarder;
+}  // namespace detail
 
 /// Options of add_handler().
 struct handler_options {
@@ -176,72 +180,45 @@ class router : public std::enable_shared_from_this<router> {
     std::optional<std::uint32_t> respondent;
     std::function<bool(const wire::message&)> policy;
   };
-  struct route_entry {
-    std::string name;
-    std::shared_ptr<stream> s;
-    std::uint32_t via = 0;     ///< direct child whose stream this is (== id for a direct child)
-    std::uint32_t parent = 0;  ///< context that started it (0: us)
-    bool trusted = false;      ///< route_options::trusted (direct entries only)
-  };
-  /// An id range [first, end) handed to a direct child's subtree.
-  struct id_block {
-    std::uint32_t end;
-    std::uint32_t owner;  ///< direct child id
-  };
-  /// What a child has done wrong, so each kind of misbehaviour is logged once, and
-  /// its log-forwarding budget. Broker thread only.
-  struct peer_state {
-    enum : unsigned {
-      spoofed = 1,
-      foreign_handle = 2,
-      flooding = 4,
-      misrouted = 8,
-      bad_route = 16,
-      bad_alloc = 32,
-      refused_by_policy = 64,
-      unidirectional = 128
-    };
-    unsigned warned = 0;
-    double log_tokens = log_burst;
-    std::chrono::steady_clock::time_point log_refill = std::chrono::steady_clock::now();
-    std::uint64_t logs_dropped = 0;
+  /// What a child has done wrong, so each kind of misbehaviour is logged once.
+  enum complaint : unsigned {
+    spoofed = 1,
+    foreign_handle = 2,
+    misrouted = 4,
+    bad_route = 8,
+    bad_alloc = 16,
+    refused_by_policy = 32,
+    unidirectional_refusal = 64
   };
   /// True the first time `what` is reported for `id` (broker thread).
   bool first_complaint(std::uint32_t id, unsigned what);
 
   explicit router(std::shared_ptr<broker> b);
-  void on_stream_message(std::uint32_t from_id, bool trusted, wire::message&& m);  // broker thread
-  void on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail);  // broker thread
-  void deliver_local(wire::message&& m);  // broker thread
-  void deliver_dead(std::uint32_t handle, std::string reason);  // any thread
-  void on_forward_log(std::uint32_t from_id, const wire::message& m);  // broker thread
-  // via= routing (broker thread): `from_id` is the direct child the message came from.
+  // Inbound (broker thread). `from_id` is the direct context the message came from.
+  void on_stream_message(std::uint32_t from_id, bool trusted, wire::message&& m);
+  void on_parent_message(wire::message&& m);  // client mode: from the parent's stream
+  void on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail);
+  void deliver_local(wire::message&& m);
+  void forward(std::uint32_t from_id, bool trusted, wire::message&& m);
+  // via= routing: ADD_ROUTE/DEL_ROUTE/ALLOCATE_ID from direct child `from_id`.
   void on_add_route(std::uint32_t from_id, const wire::message& m);
   void on_del_route(std::uint32_t from_id, const wire::message& m);
   void on_allocate_id(std::uint32_t from_id, const wire::message& m);
-  /// Answer `m` (if it wants a reply) with a dead message on `from_id`'s stream.
-  void refuse(std::uint32_t from_id, const wire::message& m, const std::string& reason);
-  /// True if `id` is `from_id` or routed through its stream.
-  bool speaks_for(std::uint32_t from_id, std::uint32_t id) const;
-  /// True if the direct stream leading to `id` is trusted (routes_mu_ held).
-  bool trusted_locked(std::uint32_t id) const;
-  /// In unidirectional mode: may `m`, from direct child `from_id`, be forwarded?
-  bool may_forward(std::uint32_t from_id, const wire::message& m) const;
-  /// Drop allow_forward() grants from or to `id` (0: none) and the contexts in `more`.
-  void forget_grants_locked(std::uint32_t id, const std::vector<std::pair<std::uint32_t, std::string>>& more);
-  /// Tell every trusted stream that these contexts are gone (DEL_ROUTE), so the
-  /// clients' callers waiting on them are released too. Broker thread.
-  void announce_gone(const std::vector<std::uint32_t>& ids);
-  /// The direct child owning `id` through an ALLOCATE_ID block or allocate_id_via(); 0 if none.
-  std::uint32_t owner_of(std::uint32_t id) const;  // routes_mu_ held
+
+  /// Deliver a dead message to our own handle `handle` (any thread).
+  void deliver_dead(std::uint32_t handle, std::string reason);
+  /// Answer `m` (if it asked for a reply and is not dead itself) with a dead message
+  /// carrying `reason`, sent on the stream of `via_id` (the direct context it came
+  /// from). Every refusal of the router goes through here.
+  void refuse(std::uint32_t via_id, const wire::message& m, const std::string& reason);
   /// Dead messages, now, for every handler whose respondent is `id`.
   void fail_waiters(std::uint32_t id, const std::string& reason);
-  /// Release every caller waiting on context `id` (dead messages) and mark it gone.
-  void release_waiters(std::uint32_t id, const std::string& reason);
+  /// Contexts `gone` disconnected: release their waiters, tell trusted clients
+  /// (DEL_ROUTE), let the log forwarder report, mark them gone (broker thread).
+  void contexts_gone(const std::vector<std::pair<std::uint32_t, std::string>>& gone, const std::string& why);
+  /// If shutdown() is waiting and no stream or teardown is left, finish it.
+  void finish_shutdown_if_idle();
   void shutdown_on_broker(std::function<void()> done);
-
-  /// on_stream_message for the parent's stream (client mode).
-  void on_parent_message(wire::message&& m);  // broker thread
 
   std::shared_ptr<broker> broker_;
   std::uint32_t my_id_ = 0;
@@ -250,31 +227,24 @@ class router : public std::enable_shared_from_this<router> {
   std::atomic<std::uint32_t> next_id_{1};
   std::atomic<std::uint32_t> next_handle_{wire::first_dynamic_handle};
   std::atomic<bool> shut_down_{false};
+  std::atomic<bool> unidirectional_{false};
   std::uint64_t hook_id_ = 0;
 
   mutable std::mutex handlers_mu_;
   std::unordered_map<std::uint32_t, handler_entry> handlers_;
   std::unordered_map<std::uint32_t, std::unordered_set<std::uint32_t>> by_respondent_;
 
-  mutable std::shared_mutex routes_mu_;
-  std::unordered_map<std::uint32_t, route_entry> routes_;
-  std::map<std::uint32_t, id_block> blocks_;  // guarded by routes_mu_
-  /// allow_forward() grants: (to, handle) -> the contexts that may send there.
-  std::map<std::pair<std::uint32_t, std::uint32_t>, std::unordered_set<std::uint32_t>> grants_;  // routes_mu_
-  std::atomic<bool> unidirectional_{false};
+  std::unique_ptr<detail::route_table> table_;    ///< thread-safe on its own
+  std::unique_ptr<detail::log_forwarder> logs_;  ///< broker thread, but set_sink
+  std::unordered_map<std::uint32_t, unsigned> complaints_;  // broker thread only
 
   std::mutex gone_mu_;
   std::condition_variable gone_cv_;
   std::unordered_set<std::uint32_t> gone_;
-
-  std::unordered_map<std::uint32_t, peer_state> peers_;  // broker thread only
-
   // Guarded by gone_mu_.
   std::unordered_map<std::uint32_t, std::function<void(std::function<void()>)>> teardowns_;
   std::size_t teardowns_running_ = 0;
   std::function<void()> shutdown_done_;
-  log_sink log_sink_;
-  std::mutex sink_mu_;
 };
 
 }  // namespace mitogen

@@ -1,0 +1,42 @@
+#pragma once
+/// FORWARD_LOG as a service of the router (private to the routing layer): decodes
+/// each record a child forwards, rate-limits each child with a token bucket so that
+/// none can drown the controller, and hands the record to the sink (default: the
+/// spdlog logger). The router registers it on FORWARD_LOG at create() and tells it
+/// when a context goes, so that the records it dropped are reported once.
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "mitogen/routing/router.hpp"
+
+namespace mitogen::detail {
+
+class log_forwarder {
+ public:
+  /// `name_of` names a context for messages (called on the broker thread).
+  explicit log_forwarder(std::function<std::string(std::uint32_t)> name_of) : name_of_(std::move(name_of)) {}
+
+  /// A FORWARD_LOG record from context `from_id` (broker thread).
+  void on_record(std::uint32_t from_id, const std::string& data);
+  /// Context `id` is gone: report what was dropped from it, forget it (broker thread).
+  void context_gone(std::uint32_t id, const std::string& name);
+  /// Any thread.
+  void set_sink(log_sink sink);
+
+ private:
+  struct bucket {
+    double tokens = router::log_burst;
+    std::chrono::steady_clock::time_point refill = std::chrono::steady_clock::now();
+    std::uint64_t dropped = 0;
+  };
+  std::function<std::string(std::uint32_t)> name_of_;
+  std::unordered_map<std::uint32_t, bucket> buckets_;  // broker thread only
+  std::mutex sink_mu_;
+  log_sink sink_;
+};
+
+}  // namespace mitogen::detail
