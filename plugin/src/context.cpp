@@ -1,6 +1,8 @@
 // Context and Receiver: the call path. Everything between taking the arguments and
 // handing back the result happens here, in one C++ call: convert the arguments,
 // send, release the GIL, wait, convert the reply.
+#include <utility>
+
 #include "bindings.hpp"
 
 namespace mitogen::python {
@@ -154,7 +156,7 @@ py::object call(const py_context& c, const py::args& args, const py::kwargs& kw)
   {
     // One GIL release for send + the first wait slice: most calls end here.
     nogil g;
-    rx = c.ctx.call_async(spec);
+    rx = c.ctx.call_async(std::move(spec));
     try {
       m = rx->get(signal_poll);
     } catch (const mitogen::timeout_error&) {
@@ -196,7 +198,7 @@ void register_context(py::module_& m) {
             std::shared_ptr<mitogen::receiver> rx;
             {
               nogil g;
-              rx = c.ctx.call_async(spec);
+              rx = c.ctx.call_async(std::move(spec));
             }
             return py_receiver{std::move(rx), c, std::nullopt};
           },
@@ -206,7 +208,7 @@ void register_context(py::module_& m) {
           [](const py_context& c, const py::args& args, const py::kwargs& kw) {
             mitogen::call_spec spec = make_spec(args, kw, "call_no_reply", c);
             nogil g;
-            c.ctx.call_no_reply(spec);
+            c.ctx.call_no_reply(std::move(spec));
           },
           "call_no_reply(fn, *args, **kwargs): start the call; no result comes back, failures are logged "
           "by the context.")
