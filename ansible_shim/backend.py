@@ -29,6 +29,10 @@ import threading
 #: ``mux`` (the daemon or an error).
 BACKEND_ENV = 'MITOGEN_NATIVE_BACKEND'
 
+#: Non-empty (and not 0): the in-process backend writes debug logs
+#: (docs/ansible.md, "Troubleshooting").
+DEBUG_ENV = 'MITOGEN_NATIVE_DEBUG'
+
 _lock = threading.Lock()
 _backend = None
 _backend_pid = None
@@ -71,6 +75,9 @@ class LocalBackend(object):
             import mitogen_native.master
             self._broker = mitogen_native.master.Broker()
             self._router = mitogen_native.master.Router(self._broker)
+            if os.environ.get(DEBUG_ENV, '').strip() not in ('', '0'):
+                # /tmp/mitogen.<pid>.log here and in every context started.
+                self._router.enable_debug()
         return self._router
 
     def connect(self, stack):

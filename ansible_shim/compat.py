@@ -50,7 +50,7 @@ def remember_become_commands(plugin, mapping):
         if cmd and wrapped and wrapped != cmd:
             exe = getattr(shell, 'executable', None)
             inner = '%s -c %s' % (exe, shlex.quote(cmd)) if exe else cmd
-            mapping[wrapped] = inner
+            mapping[str(wrapped)] = (str(inner), str(exe) if exe else None)
         return wrapped
 
     plugin.build_become_command = build_become_command
@@ -63,16 +63,17 @@ def _escaped(text):
 
 
 def unwrap_become(cmd, mapping):
-    """`cmd` with the become-wrapped command inside it replaced by what should
-    run in the become context, or None if it holds no wrapped command we made.
-    Ansible puts the wrapped command inside ``<executable> -c '<wrapped> &&
-    sleep 0'``, or leaves it bare."""
-    for wrapped, inner in mapping.items():
+    """``(command, shell)``: `cmd` with the become-wrapped command inside it
+    replaced by what should run in the become context, and the shell the
+    become plugin would have run it with; None if `cmd` holds no wrapped
+    command we recorded. Ansible puts the wrapped command inside
+    ``<executable> -c '<wrapped> && sleep 0'``, or leaves it bare."""
+    for wrapped, (inner, shell) in mapping.items():
         if wrapped in cmd:
-            return cmd.replace(wrapped, inner, 1)
+            return cmd.replace(wrapped, inner, 1), shell
         esc = _escaped(wrapped)
         if esc != wrapped and esc in cmd:
-            return cmd.replace(esc, _escaped(inner), 1)
+            return cmd.replace(esc, _escaped(inner), 1), shell
     return None
 
 

@@ -182,8 +182,8 @@ class ConnectionMixin(object):
         return compat.current_options(self)
 
     def _fail_connect(self, e):
-        raise AnsibleConnectionFailure('Failed to connect to the host via %s: %s'
-                                       % (self._load_name, e))
+        name = getattr(self, 'ansible_name', None) or self._load_name
+        raise AnsibleConnectionFailure('Failed to connect to the host via %s: %s' % (name, e))
 
     def _login_context(self):
         stack = self._build_login_stack(self._current_options())
@@ -273,6 +273,9 @@ class ConnectionMixin(object):
         ctx = self._become_contexts.get(key)
         if ctx is None:
             display.vvv('ESTABLISH %s' % (self._describe(stack),), host=self._host_for_display())
+            # The become context inherits the login agent's environment: let
+            # mitogen_native_target clean it first (its import does).
+            self._call(login, mitogen_native_target.ready)
             try:
                 ctx = _backend.get_backend().connect(stack)
             except mitogen_native.core.PasswordError as e:
@@ -284,7 +287,6 @@ class ConnectionMixin(object):
                 raise AnsibleError('mitogen-native: %s to %s failed: %s'
                                    % (hop['method'], hop['username'], e))
             self._become_contexts[key] = ctx
-        del login
         return ctx
 
     def _context_for(self, cmd, sudoable):
@@ -293,10 +295,13 @@ class ConnectionMixin(object):
         if sudoable and self.become is not None and self._become_unwrap:
             found = compat.unwrap_become(cmd, self._become_unwrap)
             if found is not None:
-                unwrapped = found
+                unwrapped, executable = found
                 hop = self._become_hop()
                 if hop is not None:
-                    return self._become_context(hop), unwrapped
+                    # The stock chain is: login shell, sudo (which resets the
+                    # environment), then the become plugin's shell: no login
+                    # shell of the become user in between.
+                    return self._become_context(hop), unwrapped, executable
                 # Another become method: its command runs as it is, which
                 # works when it needs no password.
                 if self.become.get_option('become_pass'):
@@ -304,7 +309,7 @@ class ConnectionMixin(object):
                         'mitogen-native runs become methods %s as contexts; %r with a '
                         'password is not supported' % (', '.join(_BECOME_METHODS),
                                                        compat.become_name(self.become)))
-        return self._login_context(), cmd
+        return self._login_context(), cmd, None
 
     # -- calls ---------------------------------------------------------------
 
@@ -339,12 +344,18 @@ class ConnectionMixin(object):
             return True
 
     def _exec(self, cmd, in_data, sudoable, use_tty, cwd=None, shell=None):
-        ctx, cmd = self._context_for(to_text(cmd, errors='surrogate_or_strict'), sudoable)
+        # str()/bytes(): Ansible's values are often AnsibleUnicode & co., which
+        # the wire refuses (only built-in types cross it).
+        cmd = str(to_text(cmd, errors='surrogate_or_strict'))
+        ctx, cmd, become_shell = self._context_for(cmd, sudoable)
         display.vvv('EXEC %s' % (cmd,), host=self._host_for_display())
         if in_data is not None:
-            in_data = to_bytes(in_data, errors='surrogate_or_strict')
+            in_data = bytes(to_bytes(in_data, errors='surrogate_or_strict'))
+        # Under a terminal, sshd sets TERM to the ssh client's (stock: -tt).
+        term = os.environ.get('TERM') if use_tty else None
         rc, stdout, stderr = self._call(ctx, mitogen_native_target.exec_command, cmd,
-                                        in_data, use_tty, self._fork_ok(), cwd, shell)
+                                        in_data, use_tty, self._fork_ok(), _plain(cwd),
+                                        _plain(become_shell or shell), _plain(term))
         return rc, stdout, stderr
 
 
@@ -416,7 +427,7 @@ class SshConnection(ConnectionMixin, ConnectionBase):
 
     def _transfer(self, fn, src, dst, **kwargs):
         try:
-            fn(to_text(src), to_text(dst), **kwargs)
+            fn(str(to_text(src)), str(to_text(dst)), **kwargs)
         except mitogen_native.core.FileError as e:
             if e.errno == errno.EPIPE:
                 self._forget_after_failure()

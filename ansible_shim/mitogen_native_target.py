@@ -39,7 +39,7 @@ _READ_SIZE = 65536
 
 
 def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
-                 shell=None):
+                 shell=None, term=None):
     """Run `cmd` (text) as the stock ssh plugin would on this host and return
     ``(rc, stdout, stderr)`` with stdout and stderr as bytes.
 
@@ -53,6 +53,7 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
         directory).
     :param shell: the shell that parses `cmd` (default: the user's login
         shell, as sshd uses).
+    :param term: TERM for a command under a terminal (sshd sets the client's).
     """
     if isinstance(cmd, bytes):
         cmd = cmd.decode('utf-8', 'surrogateescape')
@@ -61,16 +62,65 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
     if fork_ok and in_data is not None and not use_tty:
         plan = pipelined_python(cmd)
         if plan is not None:
-            env_updates, python = plan
-            result = _run_forked(python, env_updates, in_data, cwd)
+            env_updates, python, via_shell = plan
+            result = _run_forked(python, env_updates, in_data, cwd, via_shell)
             if result is not None:
                 return result
     argv = [shell or _login_shell(), '-c', cmd]
     if use_tty and in_data is None:
-        result = _run_with_tty(argv, cwd)
+        result = _run_with_tty(argv, cwd, term)
         if result is not None:
             return result
     return _run_piped(argv, in_data, cwd)
+
+
+#: What CPython's locale coercion (PEP 538) exports as LC_CTYPE when it
+#: starts in the C locale.
+_COERCED_CTYPES = ('C.UTF-8', 'C.utf8', 'UTF-8')
+
+
+def _initial_environ():
+    """The environment this process was started with (before the interpreter
+    changed it), from /proc; None where that is not available."""
+    try:
+        with open('/proc/self/environ', 'rb') as f:
+            data = f.read()
+    except OSError:
+        return None
+    env = {}
+    for item in data.split(b'\0'):
+        name, eq, value = item.partition(b'=')
+        if eq:
+            env[os.fsdecode(name)] = os.fsdecode(value)
+    return env
+
+
+def _undo_locale_coercion():
+    """Started in the C locale, CPython exports LC_CTYPE=C.UTF-8 to its own
+    environment, and every process the agent starts would inherit it: shell
+    commands (which sshd runs without it), and contexts started through this
+    one (sudo keeps LC_* variables), whose interpreter then skips the coercion
+    and UTF-8 mode a fresh one gets. Take it out again; return the value, which
+    a forked module run puts back (a fresh interpreter would coerce too)."""
+    ctype = os.environ.get('LC_CTYPE')
+    if ctype not in _COERCED_CTYPES:
+        return None
+    initial = _initial_environ()
+    if initial is None or 'LC_CTYPE' in initial:
+        return None
+    del os.environ['LC_CTYPE']
+    return ctype
+
+
+# Runs once per agent, at the first call into this module (before the plugin
+# starts a become context through this agent: see ready()).
+_coerced_ctype = _undo_locale_coercion()
+
+
+def ready():
+    """Nothing but this module's import: the plugin calls it before it starts a
+    context through this agent, so the child inherits a clean environment."""
+    return True
 
 
 def _login_shell():
@@ -101,7 +151,11 @@ def _run_piped(argv, in_data, cwd):
 # ---------------------------------------------------------------------------
 # Commands under a pseudo-terminal (what `ssh -tt` gives the stock plugin).
 
-def _run_with_tty(argv, cwd):
+def _run_with_tty(argv, cwd, term=None):
+    env = None
+    if term:
+        env = dict(os.environ)
+        env['TERM'] = term
     try:
         import pty  # noqa: F401  (only to know the platform has terminals)
         master, slave = os.openpty()
@@ -109,7 +163,8 @@ def _run_with_tty(argv, cwd):
         return None
     try:
         proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
-                                cwd=cwd, close_fds=True, start_new_session=True)
+                                cwd=cwd, close_fds=True, start_new_session=True,
+                                env=env)
     except BaseException:
         os.close(master)
         os.close(slave)
@@ -212,10 +267,11 @@ def _words(body):
 
 
 def pipelined_python(cmd):
-    """If `cmd` is ``[SHELL -c '...'] [NAME=value ...] PYTHON [&& sleep 0]``
-    with PYTHON the interpreter this process runs on, return
-    ``(env_updates, python)``; otherwise None. Nested ``SHELL -c`` (what become
-    leaves behind) is looked through."""
+    """If `cmd` is ``[SHELL -c '...'] [NAME=value ...] PYTHON [&& sleep 0]``,
+    return ``(env_updates, python, via_shell)``; otherwise None. Nested
+    ``SHELL -c`` (what become leaves behind) is looked through; `via_shell`
+    says whether PYTHON would be started by one of those shells."""
+    via_shell = False
     for _ in range(4):
         words = _words(cmd)
         if not words:
@@ -226,6 +282,7 @@ def pipelined_python(cmd):
                 os.path.basename(words[0]) in _SHELLS and words[1] == '-c'
                 and isinstance(words[2], str)):
             cmd = words[2]
+            via_shell = True
             continue
         break
     else:
@@ -242,7 +299,7 @@ def pipelined_python(cmd):
     python = words[-1]
     if '=' in python:
         return None
-    return env_updates, python
+    return env_updates, python, via_shell
 
 
 def _resolve(program, path):
@@ -255,13 +312,19 @@ def _resolve(program, path):
     return None
 
 
-def _run_forked(python, env_updates, in_data, cwd):
+def _run_forked(python, env_updates, in_data, cwd, via_shell=True):
     """Run the Python program `in_data` as ``PYTHON < in_data`` would, in a
     fork of this process. Returns None (the caller then starts a real process)
     when PYTHON is not this interpreter or the environment changes something
     only a fresh interpreter can apply."""
     env = dict(os.environ)
     env.update(env_updates)
+    if via_shell:
+        env['PWD'] = os.path.abspath(cwd or os.getcwd())   # sh exports it
+    if _coerced_ctype is not None and 'LC_CTYPE' not in env_updates:
+        # The locale variables are the agent's (checked below): a fresh
+        # interpreter coerces the C locale as the agent did.
+        env['LC_CTYPE'] = _coerced_ctype
     exe = _resolve(python, env.get('PATH'))
     own = sys.executable and os.path.realpath(sys.executable)
     if not exe or not own or os.path.realpath(exe) != own:
@@ -430,8 +493,15 @@ def _child_main(exe, env, source, cwd):
     except SystemExit as e:
         status = _exit_status(e)
     except BaseException:
-        import traceback
-        traceback.print_exc()
+        # As the interpreter reports it: through sys.excepthook, without this
+        # function's frame (the program's own frames start below it).
+        etype, value, tb = sys.exc_info()
+        tb = tb.tb_next if tb is not None else None
+        try:
+            value.__traceback__ = tb
+            sys.excepthook(etype, value, tb)
+        except BaseException:
+            pass
         status = 1
     return _finish(status)
 

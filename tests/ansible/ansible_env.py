@@ -34,7 +34,9 @@ import become_fixture  # noqa: E402
 
 ADDRESSES = ['127.0.0.1', '127.0.0.2', '127.0.0.3', '127.0.0.4']
 NOPW_USER = 'mitogen-ansible'
-NOPW_SUDOERS = '/etc/sudoers.d/mitogen-ansible-test'
+# Read after become_fixture's /etc/sudoers.d/mitogen-test (lexical order), so
+# that this rule, not the one asking for a password, decides for this user.
+NOPW_SUDOERS = '/etc/sudoers.d/mitogen-test-nopasswd'
 NOPW_RULE = '%s ALL=(%s) NOPASSWD: ALL\n' % (sshd_fixture.USER, NOPW_USER)
 COLLECTION_SRC = os.path.join(ROOT, 'plugin', 'collection')
 
@@ -152,6 +154,8 @@ def start(d):
             'MaxSessions 100',
             'MaxAuthTries 10',
             'PrintMotd no',
+            # As Debian's sshd: the stock plugin's file transfers use sftp.
+            'Subsystem sftp internal-sftp',
             'LogLevel VERBOSE',
             '',
         ]))
