@@ -181,6 +181,9 @@ class ConnectionMixin(object):
     def _current_options(self):
         return compat.current_options(self)
 
+    def _warn_unsupported(self):
+        pass
+
     def _fail_connect(self, e):
         name = getattr(self, 'ansible_name', None) or self._load_name
         raise AnsibleConnectionFailure('Failed to connect to the host via %s: %s' % (name, e))
@@ -190,6 +193,7 @@ class ConnectionMixin(object):
         if self._login is None or stack != self._login_stack:
             display.vvv('ESTABLISH %s' % (self._describe(stack),),
                         host=self._host_for_display())
+            self._warn_unsupported()
             try:
                 self._login = _backend.get_backend().connect(stack)
             except _backend.BackendError as e:
@@ -390,12 +394,15 @@ class SshConnection(ConnectionMixin, ConnectionBase):
                 ssh_executable=_plain(o.get('ssh_executable')))
         except ValueError as e:
             raise AnsibleError('mitogen-native: %s' % (e,))
-        for name in unsupported:
+        self._unsupported = unsupported
+        return hops
+
+    def _warn_unsupported(self):
+        for name in getattr(self, '_unsupported', ()):
             compat.warn_once(
                 'mitogen-native: the ssh option %s is not supported by the in-process ssh '
                 'client and is ignored (set ansible_mitogen_ssh_transport=openssh to use '
                 'the ssh binary, which honours it)' % (name,), self._run_id)
-        return hops
 
     def _host_for_display(self):
         return self.host

@@ -63,6 +63,12 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
         plan = pipelined_python(cmd)
         if plan is not None:
             env_updates, python, via_shell = plan
+            first = cmd.split(None, 1)[0]
+            if via_shell and first.startswith('/') and \
+                    os.path.basename(os.path.realpath(shell or _login_shell())) == 'bash':
+                # bash exports the path of the program it runs as $_.
+                env_updates = dict(env_updates)
+                env_updates.setdefault('_', first)
             result = _run_forked(python, env_updates, in_data, cwd, via_shell)
             if result is not None:
                 return result
@@ -270,8 +276,8 @@ def pipelined_python(cmd):
     """If `cmd` is ``[SHELL -c '...'] [NAME=value ...] PYTHON [&& sleep 0]``,
     return ``(env_updates, python, via_shell)``; otherwise None. Nested
     ``SHELL -c`` (what become leaves behind) is looked through; `via_shell`
-    says whether PYTHON would be started by one of those shells."""
-    via_shell = False
+    is the innermost of those shells, which would start PYTHON (or None)."""
+    via_shell = None
     for _ in range(4):
         words = _words(cmd)
         if not words:
@@ -282,7 +288,7 @@ def pipelined_python(cmd):
                 os.path.basename(words[0]) in _SHELLS and words[1] == '-c'
                 and isinstance(words[2], str)):
             cmd = words[2]
-            via_shell = True
+            via_shell = words[0]
             continue
         break
     else:
@@ -312,7 +318,7 @@ def _resolve(program, path):
     return None
 
 
-def _run_forked(python, env_updates, in_data, cwd, via_shell=True):
+def _run_forked(python, env_updates, in_data, cwd, via_shell='/bin/sh'):
     """Run the Python program `in_data` as ``PYTHON < in_data`` would, in a
     fork of this process. Returns None (the caller then starts a real process)
     when PYTHON is not this interpreter or the environment changes something
@@ -361,10 +367,31 @@ def _run_forked(python, env_updates, in_data, cwd, via_shell=True):
     stdout, stderr = _drain(out_r, err_r)
     _, wstatus = _waitpid(pid)
     if os.WIFSIGNALED(wstatus):
-        rc = 128 + os.WTERMSIG(wstatus)
+        sig = os.WTERMSIG(wstatus)
+        rc = 128 + sig
+        if via_shell:
+            stderr += _shell_signal_note(via_shell, sig, os.WCOREDUMP(wstatus))
     else:
         rc = os.WEXITSTATUS(wstatus)
     return rc, stdout, stderr
+
+
+def _shell_signal_note(shell, sig, core):
+    """What the shell that would have waited for the interpreter prints when
+    a signal killed it (dash: the signal's description; bash's note names a
+    pid, which cannot match anyway)."""
+    path = shell if '/' in shell else (_resolve(shell, os.environ.get('PATH')) or shell)
+    if os.path.basename(os.path.realpath(path)) != 'dash':
+        return b''
+    if sig in (signal.SIGINT, signal.SIGPIPE):
+        return b''
+    try:
+        text = signal.strsignal(sig) or 'Signal %d' % sig
+    except (AttributeError, ValueError):
+        return b''
+    if core:
+        text += ' (core dumped)'
+    return (text + '\n').encode()
 
 
 def _waitpid(pid):
@@ -453,7 +480,12 @@ def _std_streams():
 
     def text(fd, mode, like):
         raw = io.FileIO(fd, mode, closefd=False)
-        buffered = io.BufferedWriter(raw) if mode == 'w' else io.BufferedReader(raw)
+        if isinstance(getattr(like, 'buffer', None), io.RawIOBase):
+            buffered = raw          # python -u / PYTHONUNBUFFERED: no binary buffer
+        elif mode == 'w':
+            buffered = io.BufferedWriter(raw)
+        else:
+            buffered = io.BufferedReader(raw)
         return io.TextIOWrapper(buffered, encoding=like.encoding, errors=like.errors,
                                 line_buffering=like.line_buffering,
                                 write_through=getattr(like, 'write_through', False))

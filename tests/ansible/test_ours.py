@@ -70,3 +70,23 @@ def test_one_connection_object_reconnects_and_resets(world, tmp_path):
     assert out['after_kill']['rc'] == 0 and out['after_kill'] != out['first'], out
     assert out['connected_after_reset'] is False
     assert out['after_reset']['rc'] == 0 and out['after_reset'] != out['after_kill'], out
+
+
+def test_openssh_transport_takes_every_option(world):
+    gv = {'ansible_ssh_extra_args': '-o ForwardX11=no -o ServerAliveCountMax=2',
+          'ansible_mitogen_ssh_transport': 'openssh'}
+    ours = runner.run(world, 'strategy.yml', OURS, hosts=('h1',), group_vars=gv)
+    assert ours.rc == 0, ours.output()
+    assert 'not supported' not in ours.stderr, ours.stderr
+    assert ours.result('probe', 'h1')['result']['parent_is_agent'] is True
+
+
+def test_password_authentication(world):
+    # No key at all: the password (which the stock plugin would need sshpass for).
+    gv = {'ansible_ssh_private_key_file': None, 'ansible_password': world['password'],
+          'ansible_ssh_common_args': '-o UserKnownHostsFile=%s -o IdentityFile=/nonexistent'
+                                     % world['known_hosts']}
+    ours = runner.run(world, 'ping.yml', OURS, hosts=('h1',), group_vars=gv,
+                      env={'SSH_AUTH_SOCK': ''})
+    assert ours.rc == 0, ours.output()
+    assert ours.result('ping', 'h1')['status'] == 'ok'
