@@ -294,8 +294,10 @@ class ConnectionMixin(object):
         return ctx
 
     def _context_for(self, cmd, sudoable):
-        """(context, command) for `cmd`: a command Ansible wrapped with its
-        become plugin runs unwrapped in the become context."""
+        """(context, command, shell) for `cmd`: a command Ansible wrapped with
+        its become plugin runs unwrapped in the become context, parsed by the
+        become plugin's shell; others run in the login context (shell None:
+        the login shell)."""
         if sudoable and self.become is not None and self._become_unwrap:
             found = compat.unwrap_become(cmd, self._become_unwrap)
             if found is not None:

@@ -163,9 +163,8 @@ def _run_with_tty(argv, cwd, term=None):
         env = dict(os.environ)
         env['TERM'] = term
     try:
-        import pty  # noqa: F401  (only to know the platform has terminals)
         master, slave = os.openpty()
-    except (ImportError, OSError):
+    except (AttributeError, OSError):
         return None
     try:
         proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
