@@ -1,0 +1,210 @@
+#!/usr/bin/python3
+"""The world the Ansible comparisons run in (root only, as CI runs):
+
+    ansible_env.py start DIR    -> prints one JSON object (see start())
+    ansible_env.py stop DIR
+
+* one throw-away sshd listening on 127.0.0.1 to 127.0.0.4 (one free port),
+  letting in `mitogen-test` (tests/core/ssh/sshd_fixture.py's user) by key or
+  password;
+* a known_hosts file with the host key for every address, another with a wrong
+  key, and a second user key the server does not know;
+* the become users of tests/core/become/become_fixture.py (mitogen-test may
+  sudo to anyone with its password; mitogen-nosudo has a password, for su),
+  plus `mitogen-ansible`, to which mitogen-test may sudo without a password
+  (its own sudoers file, so the other tests' rules stay as they are);
+* the mitogen.native collection, built with `ansible-galaxy collection build`
+  from plugin/collection and installed into DIR/collections.
+"""
+import glob
+import json
+import os
+import pwd
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, 'tests', 'core', 'ssh'))
+sys.path.insert(0, os.path.join(ROOT, 'tests', 'core', 'become'))
+import sshd_fixture  # noqa: E402
+import become_fixture  # noqa: E402
+
+ADDRESSES = ['127.0.0.1', '127.0.0.2', '127.0.0.3', '127.0.0.4']
+NOPW_USER = 'mitogen-ansible'
+# Read after become_fixture's /etc/sudoers.d/mitogen-test (lexical order), so
+# that this rule, not the one asking for a password, decides for this user.
+NOPW_SUDOERS = '/etc/sudoers.d/mitogen-test-nopasswd'
+NOPW_RULE = '%s ALL=(%s) NOPASSWD: ALL\n' % (sshd_fixture.USER, NOPW_USER)
+COLLECTION_SRC = os.path.join(ROOT, 'plugin', 'collection')
+
+
+def run(*argv, **kw):
+    return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def free_port():
+    """A port free on every address we listen on."""
+    for _ in range(50):
+        port = sshd_fixture.free_port()
+        ok = True
+        for a in ADDRESSES:
+            s = socket.socket()
+            try:
+                s.bind((a, port))
+            except OSError:
+                ok = False
+            finally:
+                s.close()
+        if ok:
+            return port
+    raise RuntimeError('no port free on all of %s' % ADDRESSES)
+
+
+def ensure_nopw_user():
+    try:
+        pwd.getpwnam(NOPW_USER)
+    except KeyError:
+        become_fixture.retried(run, 'useradd', '-m', '-s', '/bin/bash', NOPW_USER)
+    try:
+        with open(NOPW_SUDOERS) as f:
+            if f.read() == NOPW_RULE:
+                return
+    except OSError:
+        pass
+    tmp = NOPW_SUDOERS + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(NOPW_RULE)
+    os.chmod(tmp, 0o440)
+    run('visudo', '-c', '-q', '-f', tmp)
+    os.rename(tmp, NOPW_SUDOERS)
+
+
+def build_collection(d):
+    out = os.path.join(d, 'dist')
+    os.makedirs(out, exist_ok=True)
+    run('ansible-galaxy', 'collection', 'build', '--force', '--output-path', out, COLLECTION_SRC)
+    tarball = glob.glob(os.path.join(out, 'mitogen-native-*.tar.gz'))[0]
+    cols = os.path.join(d, 'collections')
+    run('ansible-galaxy', 'collection', 'install', '--force', '-p', cols, tarball)
+    return tarball, cols
+
+
+def start(d):
+    if os.geteuid() != 0:
+        sys.exit('ansible_env: needs root (sshd, users, sudoers)')
+    become_fixture.ensure_users()
+    become_fixture.ensure_sudoers()
+    ensure_nopw_user()
+    os.makedirs('/run/sshd', mode=0o755, exist_ok=True)
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o755)
+    host_key = os.path.join(d, 'host_ed25519')
+    user_key = os.path.join(d, 'id_ed25519')
+    other_host_key = os.path.join(d, 'other_host_ed25519')
+    stranger_key = os.path.join(d, 'stranger_ed25519')
+    host_pub = sshd_fixture.keygen(host_key, 'mitogen-ansible-host')
+    user_pub = sshd_fixture.keygen(user_key, 'mitogen-ansible-user')
+    other_pub = sshd_fixture.keygen(other_host_key, 'not-the-host')
+    sshd_fixture.keygen(stranger_key, 'not-authorized')
+    auth = os.path.join(d, 'authorized_keys')
+    with open(auth, 'w') as f:
+        f.write(' '.join(user_pub) + '\n')
+    os.chmod(auth, 0o644)
+    port = free_port()
+    known = os.path.join(d, 'known_hosts')
+    wrong = os.path.join(d, 'wrong_known_hosts')
+    with open(known, 'w') as f, open(wrong, 'w') as g:
+        for a in ADDRESSES:
+            f.write('[%s]:%d %s\n' % (a, port, ' '.join(host_pub)))
+            g.write('[%s]:%d %s\n' % (a, port, ' '.join(other_pub)))
+    # A copy of the user key that mitogen-test can read: a ProxyJump hop runs
+    # the target's ssh on the jump host (here the same machine, as that user).
+    user = pwd.getpwnam(sshd_fixture.USER)
+    jump_dir = os.path.join(d, 'jump')
+    os.makedirs(jump_dir)
+    os.chown(jump_dir, user.pw_uid, user.pw_gid)
+    os.chmod(jump_dir, 0o700)
+    jump_key = os.path.join(jump_dir, 'id_ed25519')
+    with open(user_key) as src, open(jump_key, 'w') as dst:
+        dst.write(src.read())
+    jump_known = os.path.join(jump_dir, 'known_hosts')
+    with open(known) as src, open(jump_known, 'w') as dst:
+        dst.write(src.read())
+    for p in (jump_key, jump_known):
+        os.chown(p, user.pw_uid, user.pw_gid)
+        os.chmod(p, 0o600)
+    conf = os.path.join(d, 'sshd_config')
+    with open(conf, 'w') as f:
+        f.write('\n'.join(['ListenAddress %s' % a for a in ADDRESSES] + [
+            'Port %d' % port,
+            'HostKey %s' % host_key,
+            'PidFile %s' % os.path.join(d, 'sshd.pid'),
+            'AuthorizedKeysFile %s' % auth,
+            'AllowUsers %s' % sshd_fixture.USER,
+            'PubkeyAuthentication yes',
+            'PasswordAuthentication yes',
+            'KbdInteractiveAuthentication no',
+            'UsePAM no',
+            'StrictModes no',
+            'PermitRootLogin no',
+            'MaxStartups 500',
+            'MaxSessions 100',
+            'MaxAuthTries 10',
+            'PrintMotd no',
+            # As Debian's sshd: the stock plugin's file transfers use sftp.
+            'Subsystem sftp internal-sftp',
+            'LogLevel VERBOSE',
+            '',
+        ]))
+    log = os.path.join(d, 'sshd.log')
+    run(sshd_fixture.SSHD, '-t', '-f', conf)
+    proc = subprocess.Popen([sshd_fixture.SSHD, '-D', '-f', conf, '-E', log],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(os.path.join(d, 'fixture.pid'), 'w') as f:
+        f.write(str(proc.pid))
+    deadline = time.time() + 10
+    for a in ADDRESSES:
+        while True:
+            if proc.poll() is not None:
+                sys.exit('ansible_env: sshd exited: %s' % open(log).read())
+            try:
+                socket.create_connection((a, port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    sys.exit('ansible_env: sshd does not listen on %s:%d' % (a, port))
+                time.sleep(0.02)
+    tarball, cols = build_collection(d)
+    info = {
+        'dir': d, 'addresses': ADDRESSES, 'port': port, 'pid': proc.pid,
+        'user': sshd_fixture.USER, 'password': sshd_fixture.PASSWORD,
+        'identity_file': user_key, 'stranger_key': stranger_key,
+        'known_hosts': known, 'wrong_known_hosts': wrong,
+        'jump_identity_file': jump_key, 'jump_known_hosts': jump_known,
+        'host_fingerprint': sshd_fixture.fingerprint(host_key + '.pub'),
+        'other_fingerprint': sshd_fixture.fingerprint(other_host_key + '.pub'),
+        'nosudo_user': become_fixture.NOSUDO_USER,
+        'nosudo_password': become_fixture.NOSUDO_PASSWORD,
+        'nopw_user': NOPW_USER,
+        'collection_tarball': tarball, 'collections_path': cols,
+        'log': log,
+    }
+    print(json.dumps(info))
+    sys.stdout.flush()
+
+
+def stop(d):
+    sshd_fixture.stop(d)   # kills the sshd and its sessions, removes d if it is a mitogen-sshd-* dir
+
+
+if __name__ == '__main__':
+    if len(sys.argv) == 3 and sys.argv[1] == 'start':
+        start(sys.argv[2])
+    elif len(sys.argv) == 3 and sys.argv[1] == 'stop':
+        stop(sys.argv[2])
+    else:
+        sys.exit(__doc__)
