@@ -435,7 +435,7 @@ void module_responder::run() {
     } catch (const std::exception& e) {
       // Never lose the worker, and never leave a child waiting.
       spdlog::error("mitogen: module request {} from context {} failed: {}", j.name, j.ctx, e.what());
-      if (!j.fn) dead_reply(*router_, j.ctx, j.reply_to, std::string("GET_MODULE failed: ") + e.what());
+      if (!j.fn && j.reply_to) post(wire::message::dead(j.ctx, j.reply_to, std::string("GET_MODULE failed: ") + e.what()));
     }
   }
   // Closed: what is still queued gets an answer that releases its waiter.
@@ -449,7 +449,7 @@ void module_responder::run() {
     if (j.fn) {
       j.fn();
     } else {
-      dead_reply(*router_, j.ctx, j.reply_to, "GET_MODULE refused: the module responder is gone");
+      if (j.reply_to) post(wire::message::dead(j.ctx, j.reply_to, "GET_MODULE refused: the module responder is gone"));
     }
   }
 }
@@ -779,7 +779,14 @@ void module_responder::send(std::uint32_t context_id, const std::string& fullnam
     ++(e.found ? stats_.modules_sent : stats_.negatives_sent);
     if (record) sent_[context_id].insert(fullname);
   }
-  router_->route(std::move(m));
+  post(std::move(m));
+}
+
+void module_responder::post(wire::message m) {
+  // Sent from the broker thread, where a stream never blocks: a child that asks
+  // and stops reading must not stall the worker, and with it every other child's
+  // imports. (Once the broker has stopped, nobody is left to answer.)
+  router_->get_broker()->defer([r = router_, m = std::move(m)]() mutable { r->route(std::move(m)); });
 }
 
 void module_responder::refuse(std::uint32_t context_id, const std::string& what, const std::string& why) {
@@ -823,7 +830,7 @@ void module_responder::handle(std::uint32_t ctx, std::uint32_t reply_to, const s
   if (bad_size || !is_printable(name)) {
     // Not even a name we could echo: nobody honest sent this. Release a waiter, if any.
     refuse(ctx, "<" + std::to_string(bad_size ? bad_size : name.size()) + " bytes>", "not a module name");
-    dead_reply(*router_, ctx, reply_to, "GET_MODULE refused: not a module name");
+    if (reply_to) post(wire::message::dead(ctx, reply_to, "GET_MODULE refused: not a module name"));
     return;
   }
   if (!is_dotted_name(name)) {

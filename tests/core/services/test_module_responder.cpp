@@ -623,3 +623,37 @@ TEST_CASE("a full request queue and a responder going away answer every waiter",
   CHECK(b.result(rx->get(30s)).as<wire::list>().items.size() == 10);
   CHECK(remote_type([&] { a.result(held->get(30s)); }) == "builtins.ModuleNotFoundError");
 }
+
+TEST_CASE("a child that stops reading does not hold up the other children's imports", "[module_responder]") {
+  rig t;
+  tree d;
+  // About 1 MiB that zlib shrinks little: 40 answers are far over a stream's 16 MiB
+  // queue bound, past which a thread other than the broker's would block.
+  std::string big = "BIG = '";
+  std::uint32_t x = 12345;
+  const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  for (int i = 0; i < (1 << 20); ++i) {
+    x = x * 1103515245u + 12345u;
+    big.push_back(alphabet[(x >> 16) & 63]);
+  }
+  write(d.served / "big.py", big + "'\n");
+  write(d.served / "hog.py",
+        "import time\n"
+        "import mitogen.core as core\n"
+        "def ask_and_sleep(name, n):\n"
+        "    for _ in range(n):\n"
+        "        core._send(core.parent_id, core.GET_MODULE, name.encode(), reply_to=0)\n"
+        "    time.sleep(300)\n");
+  auto resp = module_responder::create(t.r, {.search_path = {d.served.string()}});
+  context a = local(*t.r);
+  context b = local(*t.r);
+  // a asks for big.py 40 times, then sleeps in its call: nobody reads its stream.
+  auto hog = a.call_async({.module = "hog", .function = "ask_and_sleep", .args = {{wire::str{"big"}, std::int64_t{40}}}});
+  const auto deadline = clk::now() + 60s;
+  while (resp->get_stats().requests < 41 && clk::now() < deadline) std::this_thread::sleep_for(10ms);
+  CHECK(resp->get_stats().requests == 41);  // hog, then 40 x big: none left waiting
+  CHECK(resp->get_stats().bytes_sent > 24u << 20);  // well over the 16 MiB bound
+  // b is served meanwhile.
+  CHECK(call(b, "pkg.sibling", "double", {{std::int64_t{5}}}).as<std::int64_t>() == 10);
+  t.r->disconnect(a.id(), make_error_code(errc::protocol_error), "the test is over");
+}

@@ -77,7 +77,8 @@ struct module_responder_options {
 ///
 /// The broker thread only queues requests: a worker thread owned by the responder
 /// looks modules up (search path or resolver), reads, compresses and scans them,
-/// and sends the answers. Answers are cached by name and content: a request for a
+/// and hands the answers to the broker thread to send (a child that stops reading
+/// never blocks the worker). Answers are cached by name and content: a request for a
 /// module already built re-reads its file (no resolver call, no zlib) and reuses
 /// the answer if the content is unchanged, so a context started after an edit gets
 /// the edited module; negative answers are not cached. Each context is sent each
@@ -138,6 +139,7 @@ class module_responder {
   const std::string& payload_of(const std::string& fullname, entry& e);    // worker
   std::vector<std::string> related_of(const std::string& fullname, const entry& e);  // worker
   void send(std::uint32_t context_id, const std::string& fullname, entry& e, bool record = true);  // worker
+  void post(wire::message m);  // worker: route `m` from the broker thread
   void refuse(std::uint32_t context_id, const std::string& what, const std::string& why);  // worker
   void forget_gone_contexts();                                             // worker
 
