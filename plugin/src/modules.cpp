@@ -10,18 +10,11 @@
 namespace mitogen::python {
 namespace {
 
-bool finalizing() {
-#if PY_VERSION_HEX >= 0x030D0000
-  return Py_IsFinalizing();
-#else
-  return _Py_IsFinalizing();
-#endif
-}
-
 /// One responder's Python resolver, called from the responder's worker thread.
-/// stop() (at exit, before the interpreter finalizes) waits for a call in progress
-/// and makes later ones answer "not found" without touching Python: a C++ thread
-/// taking the GIL during finalization would be killed by CPython inside our frames.
+/// stop() (at exit: atexit runs before the interpreter finalizes) waits for a call
+/// in progress and makes later ones answer "not found" without touching Python: a
+/// C++ thread taking the GIL during finalization would be killed by CPython inside
+/// our frames.
 struct py_resolver {
   std::mutex mu;
   std::condition_variable cv;
@@ -32,7 +25,7 @@ struct py_resolver {
   std::optional<mitogen::module_source> operator()(const std::string& fullname) {
     {
       std::lock_guard lk(mu);
-      if (!enabled || finalizing()) return std::nullopt;
+      if (!enabled) return std::nullopt;
       ++in_flight;
     }
     struct leave {
@@ -64,20 +57,22 @@ struct py_resolver {
 
   /// Disable, waiting for a call in progress. GIL held or not.
   void stop() {
-    std::unique_lock lk(mu);
-    enabled = false;
-    if (in_flight == 0) return;
-    lk.unlock();
-    // The call in progress may be waiting for the GIL we hold.
+    {
+      std::lock_guard lk(mu);
+      enabled = false;
+      if (in_flight == 0) return;
+    }
+    // The call in progress may be waiting for the GIL we hold. `mu` is never held
+    // while the GIL is wanted (declared after `released`, it is let go first).
     std::optional<nogil> released;
     if (PyGILState_Check()) released.emplace();
-    lk.lock();
+    std::unique_lock lk(mu);
     cv.wait(lk, [&] { return in_flight == 0; });
   }
 };
 
 std::mutex registry_mu;
-std::vector<std::weak_ptr<py_resolver>> registry;  // every live resolver, for stop_all()
+std::vector<std::weak_ptr<py_resolver>> registry;  // every live resolver, for _stop_module_resolvers()
 
 /// What Router.responder holds: destroying it releases the GIL while the core
 /// responder joins its worker (which may be waiting for the GIL inside the

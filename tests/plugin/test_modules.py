@@ -460,3 +460,44 @@ def test_resolvers_stop_before_the_interpreter_finalizes():
     assert proc.returncode == 0, proc.stderr
     assert 'refused after stop: builtins.ModuleNotFoundError' in proc.stdout
     assert 'terminate' not in proc.stderr
+
+
+STOP_WHILE_LOOKING_UP = r"""
+import os, sys, threading
+sys.path.insert(0, %(here)r)
+import mitogen_native.core, mitogen_native.master
+from mitogen_native import _native
+import module_helpers
+from test_modules import _SlowFinder
+finder = _SlowFinder()
+sys.meta_path.append(finder)
+router = mitogen_native.master.Router()
+ctx = router.local()
+pending = ctx.call_async(module_helpers.import_attr, 'lm_slow', 'VALUE')
+assert finder.entered.wait(30)
+# The main thread holds the GIL the lookup in progress needs: stopping must let
+# it go while it waits for that lookup to finish.
+stopper = threading.Thread(target=_native._stop_module_resolvers)
+stopper.start()
+stopper.join(0.5)
+print('stop waited:', stopper.is_alive())
+finder.release.set()
+stopper.join(30)
+print('stopped:', not stopper.is_alive())
+print('in flight:', pending.get(timeout=30))
+try:
+    ctx.call(module_helpers.import_attr, 'lm_other', 'X')
+except mitogen_native.core.CallError as e:
+    print('after stop:', e.type_name)
+"""
+
+
+def test_stopping_the_resolvers_waits_for_a_lookup_in_progress():
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = run_code(STOP_WHILE_LOOKING_UP % {'here': here}, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert 'stop waited: True' in proc.stdout
+    assert 'stopped: True' in proc.stdout
+    assert 'in flight: slow' in proc.stdout
+    assert 'after stop: builtins.ModuleNotFoundError' in proc.stdout
+    assert 'terminate' not in proc.stderr
