@@ -227,17 +227,6 @@ void register_router(py::module_& m) {
           py::arg("method"), py::arg("options"),
           "Start a context through sudo, su or doas (see mitogen_native.master.Router.sudo).")
       .def(
-          "_serve_modules",
-          [](py_router& self, std::vector<std::string> search_path, std::optional<std::string> main_script,
-             std::vector<std::string> allow, std::vector<std::string> deny) {
-            self.responder = mitogen::module_responder::create(
-                self.r, {.search_path = std::move(search_path), .main_script = std::move(main_script),
-                         .allow = std::move(allow), .deny = std::move(deny)});
-          },
-          py::arg("search_path"), py::arg("main_script"), py::arg("allow"), py::arg("deny"),
-          "Answer contexts' imports of modules they lack from these directories (see "
-          "mitogen_native.master.Router).")
-      .def(
           "_module_stats",
           [](py_router& self) {
             py::dict d;
