@@ -12,7 +12,7 @@ import weakref
 import time
 
 from mitogen_native import _native
-from mitogen_native import core
+from mitogen_native import _wire
 
 LOG = logging.getLogger('mitogen')
 
@@ -46,7 +46,7 @@ class Message(object):
         return self.reply_to == IS_DEAD
 
     def _throw_dead(self):
-        raise core.ChannelError(self.data.decode('utf-8', 'replace')
+        raise _wire.ChannelError(self.data.decode('utf-8', 'replace')
                                 or 'Channel closed by remote end.')
 
     def unpickle(self, throw=True, throw_dead=True):
@@ -56,11 +56,11 @@ class Message(object):
         if self.is_dead:
             if throw_dead:
                 self._throw_dead()
-            return core._DEAD()
+            return _wire._DEAD()
         value = self._value
         if value is Message._unset:
             value = self._value = _native._unpickle(self.router, self.src_id, self.data)
-        if throw and isinstance(value, core.CallError):
+        if throw and isinstance(value, _wire.CallError):
             raise value
         return value
 
@@ -83,7 +83,7 @@ class _CallResult(object):
     def unpickle(self, throw=True, throw_dead=True):
         try:
             return self.receiver.get()
-        except core.CallError as e:
+        except _wire.CallError as e:
             if throw:
                 raise
             return e
@@ -124,7 +124,7 @@ class Receiver(object):
             self._rx = _native._ChannelReceiver(
                 router, int(handle or 0), bool(persist), respondent_id,
                 policy is not None, bool(overwrite))
-        except core.Error:
+        except _wire.Error:
             raise
         self.handle = self._rx.handle
 
@@ -139,7 +139,7 @@ class Receiver(object):
 
     def to_sender(self):
         """A :class:`Sender` for this receiver, to pass to a context."""
-        return core.Sender(self.router.myself(), self.handle)
+        return _wire.Sender(self.router.myself(), self.handle)
 
     def grant(self, context):
         """Allow `context` to send here without handing it the Sender through a
@@ -194,27 +194,27 @@ class Receiver(object):
         while True:
             try:
                 msg = self.get()
-            except core.ChannelError:
+            except _wire.ChannelError:
                 return
             yield msg
 
 
-class Channel(core.Sender, Receiver):
+class Channel(_wire.Sender, Receiver):
     """A Sender and a Receiver in one object (upstream's deprecated sugar):
     sends go to (`context`, `dst_handle`), gets come from this program's
     `handle`. The context is granted the receiving end."""
     def __init__(self, router, context, dst_handle, handle=None):
-        core.Sender.__init__(self, context, dst_handle)
+        _wire.Sender.__init__(self, context, dst_handle)
         Receiver.__init__(self, router, handle)
         if context.context_id != router.context_id:
             self.grant(context)
 
     def close(self):
         Receiver.close(self)
-        core.Sender.close(self)
+        _wire.Sender.close(self)
 
     def __repr__(self):
-        return 'Channel(%s, %s)' % (core.Sender.__repr__(self), Receiver.__repr__(self))
+        return 'Channel(%s, %s)' % (_wire.Sender.__repr__(self), Receiver.__repr__(self))
 
 
 class Latch(object):
@@ -237,7 +237,7 @@ class Latch(object):
     def size(self):
         with self._cond:
             if self.closed:
-                raise core.LatchError()
+                raise _wire.LatchError()
             return len(self._queue)
 
     def empty(self):
@@ -246,7 +246,7 @@ class Latch(object):
     def put(self, obj=None):
         with self._cond:
             if self.closed:
-                raise core.LatchError()
+                raise _wire.LatchError()
             self._queue.append(obj)
             self._cond.notify()
         notify = self.notify
@@ -260,17 +260,17 @@ class Latch(object):
         with self._cond:
             while True:
                 if self.closed:
-                    raise core.LatchError()
+                    raise _wire.LatchError()
                 if self._queue:
                     return self._queue.pop(0)
                 if not block:
-                    raise core.TimeoutError()
+                    raise _wire.TimeoutError()
                 if deadline is None:
                     self._cond.wait()
                 else:
                     left = deadline - time.monotonic()
                     if left <= 0:
-                        raise core.TimeoutError()
+                        raise _wire.TimeoutError()
                     self._cond.wait(left)
 
     def __repr__(self):
@@ -343,7 +343,7 @@ class _Handlers(object):
         while True:
             try:
                 token = self._queue.get(None, True)
-            except core.TimeoutError:
+            except _wire.TimeoutError:
                 continue
             if token is None:
                 return
@@ -354,7 +354,7 @@ class _Handlers(object):
             recv, fn, persist = entry
             try:
                 msg = recv.get(block=False, throw_dead=False)
-            except core.TimeoutError:
+            except _wire.TimeoutError:
                 continue
             if not persist or msg.is_dead:
                 self.remove(recv.handle)

@@ -10,163 +10,17 @@ import threading
 
 from mitogen_native import _native
 
-LOG = logging.getLogger('mitogen')
-
-
-class Error(Exception):
-    """Base of every mitogen_native exception. ``Error(fmt, *args)`` formats
-    ``fmt % args``."""
-    def __init__(self, fmt=None, *args):
-        if args:
-            fmt %= args
-        Exception.__init__(self, fmt)
-
-
-class CallError(Error):
-    """A function called in a context raised.
-
-    ``str(e)`` is the remote exception as ``"<module>.<Class>: <message>"``
-    followed by the remote traceback. The parts are also available as
-    :attr:`type_name` (e.g. ``'builtins.ValueError'``), :attr:`remote_message`
-    and :attr:`remote_traceback`.
-
-    ``CallError(exc)`` builds the same text from a local exception, for code
-    that wants to return or send one.
-    """
-    def __init__(self, fmt=None, *args):
-        if isinstance(fmt, BaseException):
-            fmt, args = _describe_exception(fmt), ()
-        Error.__init__(self, fmt, *args)
-
-    def _parts(self):
-        text = self.args[0] if self.args and isinstance(self.args[0], str) else ''
-        head, _, tb = text.partition('\n')
-        type_name, sep, message = head.partition(': ')
-        if not sep or ' ' in type_name:
-            return '', head, tb
-        return type_name, message, tb
-
-    @property
-    def type_name(self):
-        """Qualified name of the remote exception's class ('' if unknown)."""
-        return self._parts()[0]
-
-    @property
-    def remote_message(self):
-        """The remote exception's message."""
-        return self._parts()[1]
-
-    @property
-    def remote_traceback(self):
-        """The remote traceback, as text."""
-        return self._parts()[2]
-
-
-def _describe_exception(exc):
-    import traceback
-    cls = type(exc)
-    text = '%s.%s: %s' % (cls.__module__, cls.__name__, exc)
-    if exc.__traceback__ is not None:
-        text += '\n' + ''.join(traceback.format_tb(exc.__traceback__))
-    return text
-
-
-class ChannelError(Error):
-    """The other end went away: the context exited, was killed, or could not be
-    reached, before answering."""
-
-
-class FileError(Error, OSError):
-    """A file transfer (``Context.put_file``, ``get_file``, ``copy_file``)
-    failed; the destination was left as it was. An ``OSError``: ``errno`` is
-    the error behind it when there is one (``ENOSPC``, ``EACCES``, ... on
-    whichever side it happened), else 0; ``strerror`` is the full message."""
-    def __init__(self, *args):
-        OSError.__init__(self, *args)
-
-
-class StreamError(Error):
-    """A context could not be started, or its connection broke the protocol."""
-
-
-class PasswordError(StreamError):
-    """sudo, su or doas refused the password given, or asked for one and none was
-    given (upstream: mitogen.sudo.PasswordError). The message says which."""
-
-
-class TimeoutError(Error):
-    """A wait given a timeout ran out of time. (Not the built-in TimeoutError.)"""
-
-
-class Kwargs(dict):
-    """Keyword arguments of a call, kept distinct from an ordinary dict argument."""
-    __slots__ = ()
-
-    def __repr__(self):
-        return 'Kwargs(%s)' % (dict.__repr__(self),)
-
-
-class Blob(bytes):
-    """Bytes that log messages show as their size rather than their content."""
-    __slots__ = ()
-
-    def __repr__(self):
-        return '[blob: %d bytes]' % len(self)
-
-
-class Secret(str):
-    """Text that log messages mask (passwords and the like)."""
-    __slots__ = ()
-
-    def __repr__(self):
-        return '[secret]'
-
-
-class Sender(object):
-    """Where messages to one handle of one context go: the writing end of a
-    channel (see docs/channels.md). Senders may be passed to and returned from
-    calls; handing one of this program's Senders to a context is what allows
-    that context to send to it."""
-    def __init__(self, context, dst_handle):
-        self.context = context
-        self.dst_handle = dst_handle
-
-    def send(self, data):
-        """Send `data` (any serializable value) to the receiver."""
-        _native._send(self.context, self.dst_handle, data)
-
-    explicit_close_msg = 'Sender was explicitly closed'
-
-    def close(self):
-        """End the channel: the receiver's get() raises ChannelError once it
-        has returned what was sent before."""
-        _native._send_dead(self.context, self.dst_handle, self.explicit_close_msg)
-
-    def __repr__(self):
-        return 'Sender(%r, %r)' % (self.context, self.dst_handle)
-
-
-class _DEAD(object):
-    """The dead marker: what a closed channel yields. ``_DEAD()`` is a singleton."""
-    _instance = None
-
-    def __new__(cls):
-        if cls._instance is None:
-            cls._instance = object.__new__(cls)
-        return cls._instance
-
-    def __repr__(self):
-        return 'mitogen_native.core._DEAD'
-
-
-class LatchError(Error):
-    """The Latch was closed."""
-
-
-from mitogen_native._channels import (  # noqa: E402  (needs the classes above)
-    Message, Receiver, Channel, Latch, _Handlers)
-for _cls in (Message, Receiver, Channel, Latch):
+from mitogen_native._wire import (  # the wire types, re-exported here
+    Error, CallError, ChannelError, FileError, StreamError, PasswordError,
+    TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError)
+from mitogen_native._channels import _Handlers  # noqa: F401 (for master.py)
+from mitogen_native._channels import Message, Receiver, Channel, Latch
+for _cls in (Error, CallError, ChannelError, FileError, StreamError, PasswordError,
+             TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError,
+             Message, Receiver, Channel, Latch):
     _cls.__module__ = __name__
+
+LOG = logging.getLogger('mitogen')
 
 #: A running context: ``call()``, ``call_async()``, ``call_no_reply()``,
 #: ``shutdown()``. Contexts may be passed to and returned from calls.
