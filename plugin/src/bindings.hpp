@@ -22,31 +22,12 @@ namespace py = pybind11;
 
 namespace mitogen::python {
 
-/// The contexts started through one router. Shutdown uses it to let them exit on
-/// their own first (so their last output is still read) before streams are closed.
-struct router_contexts {
-  std::weak_ptr<mitogen::router> r;
-  std::mutex mu;
-  std::vector<std::uint32_t> ids;
-  void add(std::uint32_t id);
-};
-
-/// Ask every context of `routers` to exit, then run `then` (without the GIL, on a
-/// helper thread) once they all disconnected or `grace` passed. Never blocks.
-void graceful_shutdown(const std::vector<std::shared_ptr<router_contexts>>& routers, std::function<void()> then);
-
-/// How long a graceful shutdown waits for contexts to exit by themselves. A context
-/// busy in a call only exits after it, so this is kept short: after it, closing the
-/// stream makes any context exit at once.
-inline constexpr std::chrono::milliseconds shutdown_grace{500};
-
 /// Python's Broker: owns one broker (one I/O thread).
 struct py_broker {
   std::shared_ptr<mitogen::broker> b;
-  std::mutex mu;
-  std::vector<std::shared_ptr<router_contexts>> routers;  // guarded by mu
   std::atomic<bool> stopping{false};
-  /// Broker.shutdown(): graceful_shutdown() of every router, then the core's shutdown.
+  /// Broker.shutdown(): the core's graceful shutdown (each router asks its contexts
+  /// to exit and reads their last output for router::shutdown_grace). Never blocks.
   void shutdown();
   ~py_broker();
 };
@@ -56,7 +37,6 @@ struct py_broker {
 struct py_router {
   std::shared_ptr<mitogen::router> r;
   py::object broker;
-  std::shared_ptr<router_contexts> contexts;
   bool debug = false;  ///< default of local(debug=...), set by enable_debug()
   /// Serves the controller's modules to this router's contexts (GET_MODULE).
   std::shared_ptr<mitogen::module_responder> responder;

@@ -32,8 +32,7 @@ std::vector<std::shared_ptr<py_broker>> live_brokers() {
 /// Wait (interruptibly) until the core broker is stopping, then join its thread.
 void join(py_broker& pb, std::optional<double> timeout_s) {
   // Upstream's join() waits for somebody to call shutdown(); so does ours. The
-  // thread can only be joined once the core broker has begun stopping, which a
-  // graceful shutdown starts up to shutdown_grace after shutdown() returned.
+  // thread can only be joined once the core broker has begun stopping.
   auto& b = *pb.b;
   bool stopping = wait_until(
       [&](std::chrono::milliseconds slice) {
@@ -50,52 +49,9 @@ void join(py_broker& pb, std::optional<double> timeout_s) {
 
 }  // namespace
 
-void router_contexts::add(std::uint32_t id) {
-  std::lock_guard lk(mu);
-  if (auto rr = r.lock()) std::erase_if(ids, [&](std::uint32_t i) { return !rr->stream_for(i); });
-  ids.push_back(id);
-}
-
-void graceful_shutdown(const std::vector<std::shared_ptr<router_contexts>>& routers, std::function<void()> then) {
-  // The core's shutdown closes streams right after sending SHUTDOWN, dropping what
-  // a child still had to say (its last lines of output). Asking first and closing
-  // once they have gone keeps that output, as upstream does.
-  std::vector<std::pair<std::shared_ptr<mitogen::router>, std::uint32_t>> asked;
-  for (auto& rc : routers) {
-    auto r = rc->r.lock();
-    if (!r || r->is_shut_down()) continue;
-    std::lock_guard lk(rc->mu);
-    for (auto id : rc->ids) {
-      if (!r->stream_for(id)) continue;
-      wire::message m;
-      m.dst_id = id;
-      m.handle = wire::SHUTDOWN;
-      r->route(std::move(m));
-      asked.emplace_back(r, id);
-    }
-  }
-  if (asked.empty()) {
-    then();
-    return;
-  }
-  std::thread([asked = std::move(asked), then = std::move(then)] {
-    auto deadline = std::chrono::steady_clock::now() + shutdown_grace;
-    for (auto& [r, id] : asked) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0 || !r->wait_disconnected(id, left)) break;
-    }
-    then();
-  }).detach();
-}
-
 void py_broker::shutdown() {
   if (stopping.exchange(true)) return;
-  std::vector<std::shared_ptr<router_contexts>> rs;
-  {
-    std::lock_guard lk(mu);
-    rs = routers;
-  }
-  graceful_shutdown(rs, [b = b] { b->shutdown(); });
+  b->shutdown();
 }
 
 py_broker::~py_broker() {

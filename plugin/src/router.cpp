@@ -85,10 +85,6 @@ void register_router(py::module_& m) {
              pr->r = mitogen::router::create(pb.b);
              pr->broker = std::move(broker);
              pr->r->set_log_sink(&push_context_log);
-             pr->contexts = std::make_shared<router_contexts>();
-             pr->contexts->r = pr->r;
-             std::lock_guard lk(pb.mu);
-             pb.routers.push_back(pr->contexts);
              return pr;
            }),
            py::arg("broker"))
@@ -117,7 +113,6 @@ void register_router(py::module_& m) {
             o.connect_timeout = std::chrono::milliseconds(static_cast<long>(connect_timeout * 1000));
             auto r = pr.r;
             mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::local(*r, o); });
-            pr.contexts->add(c.id());
             if (name) c = mitogen::context(c.get_router(), c.id(), *name);
             return make_context(std::move(c), self);
           },
@@ -165,7 +160,6 @@ void register_router(py::module_& m) {
               throw py::value_error("transport must be 'libssh2' or 'openssh'");
             auto r = pr.r;
             mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::ssh(*r, o); });
-            pr.contexts->add(c.id());
             if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
             return make_context(std::move(c), self);
           },
@@ -220,7 +214,6 @@ void register_router(py::module_& m) {
               throw py::value_error("method must be 'sudo', 'su' or 'doas'");
             }
             mitogen::context c = start_context(r, std::move(connect));
-            pr.contexts->add(c.id());
             if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
             return make_context(std::move(c), self);
           },
@@ -255,7 +248,7 @@ void register_router(py::module_& m) {
           py::arg("context_id"), py::arg("name") = py::none(), "A Context for a known context id.")
       .def(
           "shutdown",
-          [](py_router& self) { graceful_shutdown({self.contexts}, [r = self.r] { r->shutdown(); }); },
+          [](py_router& self) { self.r->shutdown(); },
           "Ask this router's contexts to exit, then (once they have, or after half a second) close their "
           "streams and release its waiting callers. The broker keeps running. Does not block.");
 }
