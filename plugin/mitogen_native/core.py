@@ -13,7 +13,6 @@ from mitogen_native import _native
 from mitogen_native._wire import (  # the wire types, re-exported here
     Error, CallError, ChannelError, FileError, StreamError, PasswordError,
     TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError)
-from mitogen_native._channels import _Handlers  # noqa: F401 (for master.py)
 from mitogen_native._channels import Message, Receiver, Channel, Latch
 for _cls in (Error, CallError, ChannelError, FileError, StreamError, PasswordError,
              TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError,

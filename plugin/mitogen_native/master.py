@@ -8,6 +8,7 @@ import sysconfig
 import zipimport
 
 from mitogen_native import _native
+from mitogen_native import _channels
 from mitogen_native import core
 
 
@@ -371,7 +372,7 @@ class Router(_native.Router):
         (docs/channels.md)."""
         handlers = self.__dict__.get('_handlers')
         if handlers is None:
-            handlers = self.__dict__.setdefault('_handlers', core._Handlers(self))
+            handlers = self.__dict__.setdefault('_handlers', _channels._Handlers(self))
         return handlers.add(fn, handle, persist, policy, respondent, overwrite)
 
     def del_handler(self, handle):
