@@ -1,28 +1,151 @@
 """The controlling program's side: :class:`Broker` and :class:`Router`."""
+import atexit
+import importlib.machinery
 import logging
 import os
 import sys
 import sysconfig
+import zipimport
 
 from mitogen_native import _native
 from mitogen_native import core
 
 
-def _module_search_path():
-    """What contexts may import from this program: sys.path without the standard
-    library (each context has its own), and the main script (served as
-    ``__main__`` up to its ``if __name__ == '__main__':`` guard)."""
-    stdlib = set(os.path.realpath(sysconfig.get_paths()[k])
-                 for k in ('stdlib', 'platstdlib'))
+# -- Modules for the contexts (docs/protocol.md, "Modules") -----------------
+#
+# A context that cannot import a module asks this program (GET_MODULE). The core's
+# module responder queues the request off the broker thread and calls
+# _resolve_module() on its worker thread (with the GIL) when it has no answer
+# built from the same content already: what is served is what this program could
+# import at that moment, including modules added to sys.path or provided by
+# sys.meta_path hooks after the Router was made.
 
-    def served(p):
-        r = os.path.realpath(p or '.')
-        return os.path.isdir(r) and not any(
-            r == s or r.startswith(s + os.sep) for s in stdlib)
+_STDLIB_DIRS = tuple(sorted(set(
+    os.path.realpath(sysconfig.get_paths()[k]) for k in ('stdlib', 'platstdlib'))))
+_STDLIB_NAMES = frozenset(getattr(sys, 'stdlib_module_names', ())) | frozenset(
+    sys.builtin_module_names)
 
-    search_path = [os.path.abspath(p or '.') for p in sys.path if served(p)]
+
+def _is_stdlib(origin):
+    """True if `origin` lies in the standard library's directories (but not in a
+    site-packages or dist-packages directory inside them)."""
+    real = os.path.realpath(origin)
+    return any((real == d or real.startswith(d + os.sep)) and
+               'site-packages' not in real and 'dist-packages' not in real
+               for d in _STDLIB_DIRS)
+
+
+def _find_spec(fullname):
+    """The spec importing `fullname` would use, found as importlib does
+    (sys.meta_path, then sys.path through its finders and path hooks) but
+    without importing anything: a parent package not yet imported is searched
+    for, never executed. None if the program could not import it."""
+    parent = fullname.rpartition('.')[0]
+    path = None
+    if parent:
+        if parent in sys.modules:
+            path = getattr(sys.modules[parent], '__path__', None)
+        else:
+            spec = _find_spec(parent)
+            path = spec.submodule_search_locations if spec is not None else None
+        if path is None:
+            return None   # the parent is not an importable package
+    for finder in list(sys.meta_path):
+        find_spec = getattr(finder, 'find_spec', None)
+        if find_spec is not None:
+            spec = find_spec(fullname, path, None)
+            if spec is not None:
+                return spec
+    return None
+
+
+def _submodules(fullname, locations):
+    """A package's direct submodules: those its __path__ entries list, and those
+    already imported (a meta-path hook's package may have no listable path)."""
+    import pkgutil
+    names = set()
+    try:
+        names.update(name for _, name, _ in pkgutil.iter_modules(list(locations)))
+    except Exception:
+        pass
+    prefix = fullname + '.'
+    for name in list(sys.modules):
+        if name.startswith(prefix) and '.' not in name[len(prefix):]:
+            names.add(name[len(prefix):])
+    return sorted(names)
+
+
+def _resolve_module(fullname):
+    """What this program would import as `fullname`, right now:
+    ``(path, source, is_package, submodules)``, or None if it could not import
+    it or it belongs to the standard library (each context has its own).
+
+    ``source`` is None for a plain ``.py`` file: the core reads ``path`` itself,
+    and serves it again without calling this function while its content is
+    unchanged. Modules in sys.modules come first, as for ``import``. Runs on the
+    module responder's worker thread."""
+    if fullname.partition('.')[0] in _STDLIB_NAMES:
+        return None
+    if fullname in sys.modules:
+        module = sys.modules[fullname]
+        if module is None:
+            return None   # import blocked on purpose
+        spec = getattr(module, '__spec__', None)
+        locations = getattr(module, '__path__', None)
+        if spec is None:
+            origin = getattr(module, '__file__', None)
+            if not (isinstance(origin, str) and origin.endswith('.py')):
+                return None
+            return (origin, None, locations is not None,
+                    _submodules(fullname, locations) if locations is not None else [])
+    else:
+        spec = _find_spec(fullname)
+        if spec is None:
+            return None
+        locations = spec.submodule_search_locations
+    loader, origin = spec.loader, spec.origin
+    is_pkg = locations is not None
+    subs = _submodules(fullname, locations) if is_pkg else []
+    if is_pkg and origin in (None, 'namespace') and (
+            loader is None or type(loader).__name__ in ('NamespaceLoader', '_NamespaceLoader')):
+        # A namespace package: no source of its own.
+        locations = list(locations)
+        if not locations or _is_stdlib(locations[0]):
+            return None
+        return (locations[0], b'', True, subs)
+    if loader is None or isinstance(loader, (
+            importlib.machinery.ExtensionFileLoader,
+            importlib.machinery.SourcelessFileLoader)) or loader in (
+            importlib.machinery.BuiltinImporter, importlib.machinery.FrozenImporter):
+        return None   # no source to send: compiled, built in or frozen
+    if isinstance(origin, str) and _is_stdlib(origin):
+        return None
+    if isinstance(loader, importlib.machinery.SourceFileLoader):
+        return (origin, None, is_pkg, subs)
+    if isinstance(loader, zipimport.zipimporter):
+        if not (isinstance(origin, str) and origin.endswith('.py')):
+            return None   # bytecode only
+        return (origin, loader.get_data(origin), is_pkg, subs)
+    get_source = getattr(loader, 'get_source', None)
+    source = get_source(fullname) if get_source is not None else None
+    if source is None:
+        return None
+    if isinstance(source, str):
+        source = source.encode('utf-8')
+    return (origin if isinstance(origin, str) and origin else '<%s>' % (fullname,),
+            source, is_pkg, subs)
+
+
+def _main_script():
+    """The main script, served as ``__main__`` up to its
+    ``if __name__ == '__main__':`` guard."""
     main_file = getattr(sys.modules.get('__main__'), '__file__', None)
-    return search_path, main_file and os.path.abspath(main_file)
+    return main_file and os.path.abspath(main_file)
+
+
+# Before the interpreter finalizes, the responders' worker threads must stop
+# taking the GIL (they would be killed inside C++ frames).
+atexit.register(_native._stop_module_resolvers)
 
 
 def _as_list(v, split=False):
@@ -61,7 +184,8 @@ class Router(_native.Router):
             broker = Broker()
         _native.Router.__init__(self, broker)
         core._log_pump.start()
-        self._serve_modules(*_module_search_path(), [], [])
+        _native._serve_modules_live(self, _resolve_module, _main_script(), [], [],
+                                    sorted(_STDLIB_NAMES))
 
     def local(self, remote_name=None, python_path=None, debug=None,
               connect_timeout=None, name=None, via=None, **kwargs):

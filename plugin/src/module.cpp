@@ -6,6 +6,10 @@
 
 #include "bindings.hpp"
 
+namespace mitogen::python {
+void register_modules(py::module_& m);  // modules.cpp: the live module responder
+}  // namespace mitogen::python
+
 namespace {
 
 /// Messages of a MiB or more are copied a few times on their way (Python object,
@@ -35,4 +39,5 @@ PYBIND11_MODULE(_native, m) {
   register_context(m);
   register_files(m);
   register_channels(m);
+  register_modules(m);
 }

@@ -5,9 +5,12 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include <pthread.h>
+
 #include <algorithm>
 #include <deque>
 #include <filesystem>
+#include <future>
 #include <set>
 #include <spdlog/spdlog.h>
 #include <string_view>
@@ -24,9 +27,8 @@ namespace {
 
 // Longest module name accepted (CPython has no limit; real names are < 100).
 constexpr std::size_t max_name_len = 512;
-// Negative answers cached at most; beyond that they are recomputed, so a child
-// asking for endless made-up names cannot grow the cache without bound.
-constexpr std::size_t max_cached_negatives = 4096;
+// Longest path a resolver may give (it is sent to the child and logged).
+constexpr std::size_t max_path_len = 4096;
 // Bound on the related-module closure of one module, so that a package whose
 // modules import each other widely cannot make one request read thousands of files.
 constexpr std::size_t max_related = 500;
@@ -256,37 +258,122 @@ std::string negative_payload(const std::string& fullname) {
 
 }  // namespace
 
-/// One cached answer.
+/// One cached answer: a module found, what it was built from, and the LOAD_MODULE
+/// payload. Negative answers are entries too, but never cached.
 struct module_responder::entry {
   bool found = false;
-  std::string refusal;               ///< why it is refused ("" if simply absent or found)
-  std::string payload;               ///< the pickled LOAD_MODULE tuple
-  std::vector<std::string> related;  ///< tuple[4]
+  std::string refusal;  ///< why it is refused ("" if simply absent or found)
+  // What the answer was built from, compared with what a later request finds.
+  std::string path;                     ///< tuple[2]
+  std::string file;                     ///< real path the source was read from ("" if the resolver gave it)
+  bool is_pkg = false;
+  std::vector<std::string> submodules;  ///< tuple[1] of a package
+  std::size_t size = 0;                 ///< of the source
+  std::size_t hash = 0;                 ///< of the source
+  std::string compressed;               ///< tuple[3]
+  std::vector<std::string> imports;     ///< modules it imports that we could serve (resolved names)
+  std::vector<std::string> related;     ///< tuple[4], set with `payload`
+  std::string payload;                  ///< the pickled tuple; built when first sent
 };
+
+/// A module's source as found for one request.
+struct module_responder::found {
+  std::string path;                     ///< sent to the child
+  std::string file;                     ///< real path the source was read from ("" if not from a file)
+  std::string source;
+  bool is_pkg = false;
+  std::vector<std::string> submodules;  ///< sorted, identifiers only
+};
+
+/// Requests handed from the broker thread to the worker. Shared by the responder
+/// and the GET_MODULE handler, so the broker thread never keeps the responder alive.
+struct module_responder::queue {
+  struct job {
+    std::uint32_t ctx = 0;
+    std::uint32_t reply_to = 0;
+    std::string name;
+    std::size_t bad_size = 0;     ///< payload too long to be a name: its size (name left empty)
+    std::function<void()> fn;     ///< if set, run this instead (payload_for)
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<job> jobs;
+  std::size_t requests = 0;  ///< GET_MODULE jobs in `jobs`
+  std::uint64_t turned_away = 0;  ///< requests refused because the queue was full
+  bool closed = false;
+  bool warned_full = false;
+};
+
+namespace {
+
+std::size_t hash_of(const std::string& s) { return std::hash<std::string_view>{}(s); }
+
+bool printable_path(std::string_view s) {
+  return !s.empty() && s.size() <= max_path_len &&
+         std::all_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x20 && c != 0x7f; });
+}
+
+void dead_reply(router& r, std::uint32_t ctx, std::uint32_t reply_to, const std::string& why) {
+  if (reply_to) r.route(wire::message::dead(ctx, reply_to, why));
+}
+
+}  // namespace
 
 std::shared_ptr<module_responder> module_responder::create(std::shared_ptr<router> r, options opts) {
   auto self = std::shared_ptr<module_responder>(new module_responder(std::move(r), std::move(opts)));
-  std::weak_ptr<module_responder> weak = self;
+  self->worker_ = std::thread([s = self.get()] { s->run(); });
+  // The handler only queues (broker thread: no file, no lock held for long, no GIL).
+  // The router owns the handler, so the raw router pointer is valid whenever it runs.
+  router* rt = self->router_.get();
   self->router_->add_handler(
-      [weak](wire::message&& m) {
-        if (auto s = weak.lock()) s->on_get_module(std::move(m));
+      [q = self->queue_, rt, max = self->opts_.max_pending](wire::message&& m) {
+        if (m.is_dead()) return;
+        queue::job j;
+        j.ctx = m.src_id;
+        j.reply_to = m.reply_to;
+        if (m.data.size() > max_name_len) {
+          j.bad_size = m.data.size();  // not a name: the worker refuses it; keep no copy
+        } else {
+          j.name = std::move(m.data);
+        }
+        std::unique_lock lk(q->mu);
+        if (q->closed || q->requests >= max) {
+          bool warn = !q->closed && !q->warned_full;
+          if (warn) q->warned_full = true;
+          q->turned_away += !q->closed;
+          lk.unlock();
+          if (warn)
+            spdlog::warn("mitogen: {} module requests are waiting; refusing further ones until they are answered",
+                         max);
+          dead_reply(*rt, j.ctx, j.reply_to, "GET_MODULE refused: the module responder is busy or gone");
+          return;
+        }
+        ++q->requests;
+        q->jobs.push_back(std::move(j));
+        lk.unlock();
+        q->cv.notify_one();
       },
       {.handle = wire::GET_MODULE, .persist = true, .respondent = std::nullopt});
   return self;
 }
 
 module_responder::module_responder(std::shared_ptr<router> r, options opts)
-    : router_(std::move(r)), opts_(std::move(opts)) {
-  for (const auto& p : opts_.search_path) {
-    std::error_code ec;
-    fs::path dir = fs::absolute(p.empty() ? fs::path(".") : fs::path(p), ec).lexically_normal();
-    if (ec || !fs::is_directory(dir, ec)) continue;
-    auto real = fs::canonical(dir, ec);
-    if (ec) continue;
-    std::string d = dir.string();
-    while (d.size() > 1 && d.back() == '/') d.pop_back();
-    dirs_.push_back(std::move(d));
-    roots_.push_back(real.string());
+    : router_(std::move(r)),
+      opts_(std::move(opts)),
+      excluded_(opts_.excluded.begin(), opts_.excluded.end()),
+      queue_(std::make_shared<queue>()) {
+  if (!opts_.resolver) {
+    for (const auto& p : opts_.search_path) {
+      std::error_code ec;
+      fs::path dir = fs::absolute(p.empty() ? fs::path(".") : fs::path(p), ec).lexically_normal();
+      if (ec || !fs::is_directory(dir, ec)) continue;
+      auto real = fs::canonical(dir, ec);
+      if (ec) continue;
+      std::string d = dir.string();
+      while (d.size() > 1 && d.back() == '/') d.pop_back();
+      dirs_.push_back(std::move(d));
+      roots_.push_back(real.string());
+    }
   }
   if (opts_.main_script) {
     std::error_code ec;
@@ -294,11 +381,27 @@ module_responder::module_responder(std::shared_ptr<router> r, options opts)
   }
 }
 
-module_responder::~module_responder() { router_->del_handler(wire::GET_MODULE); }
+module_responder::~module_responder() {
+  router_->del_handler(wire::GET_MODULE);
+  {
+    std::lock_guard lk(queue_->mu);
+    queue_->closed = true;
+  }
+  queue_->cv.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
 
 module_responder::stats module_responder::get_stats() const {
+  std::uint64_t turned_away = 0;
+  {
+    std::lock_guard lk(queue_->mu);
+    turned_away = queue_->turned_away;
+  }
   std::lock_guard lk(mu_);
-  return stats_;
+  stats s = stats_;
+  s.requests += turned_away;
+  s.refused += turned_away;
+  return s;
 }
 
 std::vector<std::string> module_responder::sent_to(std::uint32_t context_id) const {
@@ -309,9 +412,51 @@ std::vector<std::string> module_responder::sent_to(std::uint32_t context_id) con
   return out;
 }
 
+void module_responder::run() {
+  ::pthread_setname_np(::pthread_self(), "mitogen-modules");
+  auto& q = *queue_;
+  for (;;) {
+    queue::job j;
+    {
+      std::unique_lock lk(q.mu);
+      q.cv.wait(lk, [&] { return q.closed || !q.jobs.empty(); });
+      if (q.closed) break;
+      j = std::move(q.jobs.front());
+      q.jobs.pop_front();
+      if (!j.fn) --q.requests;
+      if (q.requests == 0) q.warned_full = false;
+    }
+    try {
+      if (j.fn) {
+        j.fn();
+      } else {
+        handle(j.ctx, j.reply_to, j.name, j.bad_size);
+      }
+    } catch (const std::exception& e) {
+      // Never lose the worker, and never leave a child waiting.
+      spdlog::error("mitogen: module request {} from context {} failed: {}", j.name, j.ctx, e.what());
+      if (!j.fn && j.reply_to) post(wire::message::dead(j.ctx, j.reply_to, std::string("GET_MODULE failed: ") + e.what()));
+    }
+  }
+  // Closed: what is still queued gets an answer that releases its waiter.
+  std::deque<queue::job> left;
+  {
+    std::lock_guard lk(q.mu);
+    left.swap(q.jobs);
+    q.requests = 0;
+  }
+  for (auto& j : left) {
+    if (j.fn) {
+      j.fn();
+    } else {
+      if (j.reply_to) post(wire::message::dead(j.ctx, j.reply_to, "GET_MODULE refused: the module responder is gone"));
+    }
+  }
+}
+
 namespace {
 
-/// Where a module's source lives.
+/// Where a module's source lives (search_path mode).
 struct located {
   std::string path;  ///< as found on the search path (sent to the child)
   std::string real;  ///< realpath, checked to lie inside a served directory
@@ -386,135 +531,269 @@ std::optional<located> locate(const std::vector<std::string>& dirs, const std::v
   return std::nullopt;
 }
 
+/// A package's submodules as pkgutil.iter_modules() lists them, sources only (a
+/// native extension could not be served anyway).
+std::vector<std::string> submodules_in(const fs::path& dir) {
+  std::set<std::string> names;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    std::string name = it->path().filename().string();
+    if (ends_with_py(name)) {
+      name.resize(name.size() - 3);
+      if (name != "__init__" && is_identifier(name) && is_regular_file(it->path().string())) names.insert(name);
+    } else if (is_identifier(name) && is_regular_file(it->path().string() + "/__init__.py")) {
+      names.insert(name);
+    }
+  }
+  return {names.begin(), names.end()};
+}
+
 }  // namespace
 
-const std::vector<std::string>& module_responder::imports_of(const std::string& fullname) {
-  if (auto it = imports_.find(fullname); it != imports_.end()) return it->second;
-  std::vector<std::string> resolved;
-  std::string src, why;
-  std::optional<located> loc;
+std::optional<module_responder::found> module_responder::resolve(const std::string& fullname, std::string& why,
+                                                                  bool read) {
+  {
+    std::lock_guard lk(mu_);
+    ++stats_.resolver_calls;
+  }
+  std::optional<module_source> r;
+  try {
+    r = opts_.resolver(fullname);
+  } catch (const std::exception& e) {
+    why = std::string("the resolver failed: ") + e.what();
+    return std::nullopt;
+  }
+  if (!r) return std::nullopt;
+  if (!printable_path(r->path)) {
+    why = "the resolver gave no usable path (empty, too long or control characters)";
+    return std::nullopt;
+  }
+  found f;
+  f.path = std::move(r->path);
+  f.is_pkg = r->is_package;
+  if (f.is_pkg) {
+    std::set<std::string> names;
+    for (auto& n : r->submodules)
+      if (is_identifier(n)) names.insert(std::move(n));
+    f.submodules.assign(names.begin(), names.end());
+  }
+  if (r->source) {
+    if (r->source->size() > opts_.max_source_size) {
+      why = f.path + " is larger than the " + std::to_string(opts_.max_source_size) + "-byte limit";
+      return std::nullopt;
+    }
+    f.source = std::move(*r->source);
+    return f;
+  }
+  // A file for us to read: only a .py source, whatever symlinks lead there.
+  if (f.path.front() != '/') {
+    why = f.path + " is not an absolute path";
+    return std::nullopt;
+  }
+  std::error_code ec;
+  f.file = fs::canonical(f.path, ec).string();
+  if (ec) {
+    why = "cannot resolve " + f.path;
+    return std::nullopt;
+  }
+  if (!ends_with_py(f.file)) {
+    why = f.path + " resolves to " + f.file + ", not a .py source";
+    return std::nullopt;
+  }
+  if (read && !read_file(f.file, opts_.max_source_size, f.source, why)) return std::nullopt;
+  return f;
+}
+
+std::optional<module_responder::found> module_responder::find(const std::string& fullname, std::string& why) {
   if (fullname == "__main__") {
-    if (opts_.main_script && read_file(*opts_.main_script, opts_.max_source_size, src, why)) {
-      if (auto cut = cut_at_main_guard(src)) src = std::move(*cut);
-      loc = located{};
+    found f;
+    if (!opts_.main_script || !read_file(*opts_.main_script, opts_.max_source_size, f.source, why))
+      return std::nullopt;
+    auto cut = cut_at_main_guard(f.source);
+    if (!cut) {
+      why = "the main script " + *opts_.main_script +
+            " has no `if __name__ == '__main__':` guard, so importing it would run it";
+      return std::nullopt;
     }
-  } else if ((loc = locate(dirs_, roots_, fullname, why))) {
-    if (!read_file(loc->real, opts_.max_source_size, src, why)) loc.reset();
+    f.source = std::move(*cut);
+    f.path = *opts_.main_script;
+    return f;
   }
-  if (loc) {
-    std::set<std::string> seen;
-    for (auto& cand : scan_imports(src, fullname, loc->is_pkg)) {
-      // The candidate and its parents: a child needs the parents to import it.
-      for (std::string n = cand; !n.empty(); n = parent_of(n)) {
-        if (n == fullname || !seen.insert(n).second) continue;
-        std::string ignored;
-        if (allowed(opts_, n) && locate(dirs_, roots_, n, ignored)) resolved.push_back(n);
-      }
-    }
-  }
-  return imports_.emplace(fullname, std::move(resolved)).first->second;
+  if (opts_.resolver) return resolve(fullname, why);
+  auto loc = locate(dirs_, roots_, fullname, why);
+  if (!loc) return std::nullopt;
+  found f;
+  if (!read_file(loc->real, opts_.max_source_size, f.source, why)) return std::nullopt;
+  f.path = std::move(loc->path);
+  f.file = std::move(loc->real);
+  f.is_pkg = loc->is_pkg;
+  if (f.is_pkg) f.submodules = submodules_in(fs::path(f.path).parent_path());
+  return f;
 }
 
-std::vector<std::string> module_responder::related_of(const std::string& fullname) {
-  // Upstream sends the modules a module imports, directly or not, plus their
-  // parents. We follow imports only within the module's own top-level package
-  // (those are what gets pushed: see on_get_module), and list the direct imports
-  // from other packages without reading them.
-  std::set<std::string> found;
-  for (std::string p = parent_of(fullname); !p.empty(); p = parent_of(p)) found.insert(p);
-  const std::string top = top_of(fullname);
-  std::deque<std::string> queue{fullname};
-  std::unordered_set<std::string> visited{fullname};
-  while (!queue.empty() && found.size() < max_related) {
-    std::string n = std::move(queue.front());
-    queue.pop_front();
-    for (const auto& r : imports_of(n)) {
-      if (r == fullname) continue;
-      found.insert(r);
-      if (top_of(r) == top && visited.insert(r).second) queue.push_back(r);
-    }
-  }
-  return {found.begin(), found.end()};
+bool module_responder::importable(const std::string& fullname) {
+  if (!allowed(opts_, fullname) || excluded_.count(top_of(fullname))) return false;
+  if (cache_.count(fullname)) return true;
+  std::string ignored;
+  if (!opts_.resolver) return locate(dirs_, roots_, fullname, ignored).has_value();
+  return resolve(fullname, ignored, false).has_value();
 }
 
-std::shared_ptr<const module_responder::entry> module_responder::build(const std::string& fullname) {
-  if (auto it = cache_.find(fullname); it != cache_.end()) return it->second;
+module_responder::entry_ptr module_responder::build(const std::string& fullname, found&& f) {
+  {
+    std::lock_guard lk(mu_);
+    ++stats_.builds;
+  }
   auto e = std::make_shared<entry>();
-  std::string src, why, path;
-  std::optional<located> loc;
-  if (!allowed(opts_, fullname)) {
-    why = "denied by the allow/deny lists";
-  } else if (fullname == "__main__") {
-    if (opts_.main_script && read_file(*opts_.main_script, opts_.max_source_size, src, why)) {
-      if (auto cut = cut_at_main_guard(src)) {
-        src = std::move(*cut);
-        loc = located{*opts_.main_script, *opts_.main_script, false};
-      } else {
-        why = "the main script " + *opts_.main_script +
-              " has no `if __name__ == '__main__':` guard, so importing it would run it";
-      }
+  e->found = true;
+  e->path = std::move(f.path);
+  e->file = std::move(f.file);
+  e->is_pkg = f.is_pkg;
+  e->submodules = std::move(f.submodules);
+  e->size = f.source.size();
+  e->hash = hash_of(f.source);
+  e->compressed = compress(f.source);
+  std::set<std::string> seen;
+  for (auto& cand : scan_imports(f.source, fullname, f.is_pkg)) {
+    // The candidate and its parents: a child needs the parents to import it.
+    for (std::string n = cand; !n.empty(); n = parent_of(n)) {
+      if (n == fullname || !seen.insert(n).second) continue;
+      if (importable(n)) e->imports.push_back(n);
     }
-  } else if ((loc = locate(dirs_, roots_, fullname, why))) {
-    if (!read_file(loc->real, opts_.max_source_size, src, why)) loc.reset();
-  }
-  if (!loc) {
-    e->refusal = std::move(why);
-    e->payload = negative_payload(fullname);
-  } else {
-    e->found = true;
-    wire::value present = wire::none{};
-    if (loc->is_pkg) {
-      // Submodule names, as pkgutil.iter_modules() lists them (sources only: a
-      // native extension could not be served anyway).
-      std::set<std::string> names;
-      std::error_code ec;
-      fs::path dir = fs::path(loc->path).parent_path();
-      for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
-        std::string name = it->path().filename().string();
-        if (ends_with_py(name)) {
-          name.resize(name.size() - 3);
-          if (name != "__init__" && is_identifier(name) && is_regular_file(it->path().string())) names.insert(name);
-        } else if (is_identifier(name) && is_regular_file(it->path().string() + "/__init__.py")) {
-          names.insert(name);
-        }
-      }
-      wire::list l;
-      for (auto& n : names) l.items.emplace_back(wire::str{n});
-      present = std::move(l);
-    }
-    e->related = related_of(fullname);
-    wire::list related;
-    for (auto& r : e->related) related.items.emplace_back(wire::str{r});
-    // 0:fullname 1:pkg_present 2:path 3:compressed 4:related, as upstream.
-    e->payload = wire::encode(wire::tuple{{wire::str{fullname}, std::move(present), wire::str{loc->path},
-                                           wire::blob{compress(src)}, std::move(related)}});
-  }
-  if (e->found || negatives_ < max_cached_negatives) {
-    negatives_ += !e->found;
-    cache_.emplace(fullname, e);
   }
   return e;
 }
 
-std::string module_responder::payload_for(const std::string& fullname) {
-  std::lock_guard lk(mu_);
-  if (!is_dotted_name(fullname)) return negative_payload(fullname);
-  return build(fullname)->payload;
+module_responder::entry_ptr module_responder::current(const std::string& fullname) {
+  auto negative = [&](std::string why) {
+    auto e = std::make_shared<entry>();
+    e->refusal = std::move(why);
+    e->payload = negative_payload(fullname);
+    return e;
+  };
+  if (!allowed(opts_, fullname)) return negative("denied by the allow/deny lists");
+  if (excluded_.count(top_of(fullname))) return negative("");
+  auto it = cache_.find(fullname);
+  std::string why;
+  // With a resolver, a module built from a file is served again without asking the
+  // resolver (no Python) while the file holds the same content.
+  if (opts_.resolver && it != cache_.end() && !it->second->file.empty()) {
+    const entry& e = *it->second;
+    std::string src, ignored;
+    if (read_file(e.file, opts_.max_source_size, src, ignored) && src.size() == e.size && hash_of(src) == e.hash)
+      return it->second;
+  }
+  auto f = find(fullname, why);
+  if (!f) {
+    if (it != cache_.end()) cache_.erase(it);
+    return negative(std::move(why));
+  }
+  if (it != cache_.end()) {
+    const entry& e = *it->second;
+    if (e.path == f->path && e.file == f->file && e.is_pkg == f->is_pkg && e.submodules == f->submodules &&
+        e.size == f->source.size() && e.hash == hash_of(f->source))
+      return it->second;  // same module, same content: the answer built before
+  }
+  auto e = build(fullname, std::move(*f));
+  cache_[fullname] = e;
+  return e;
 }
 
-void module_responder::send(std::uint32_t context_id, const std::string& fullname, const entry& e, bool record) {
+std::vector<std::string> module_responder::related_of(const std::string& fullname, const entry& e) {
+  // Upstream sends the modules a module imports, directly or not, plus their
+  // parents. We follow imports only within the module's own top-level package
+  // (those are what gets pushed: see handle()), and list the direct imports from
+  // other packages without reading them.
+  std::set<std::string> out;
+  for (std::string p = parent_of(fullname); !p.empty(); p = parent_of(p)) out.insert(p);
+  const std::string top = top_of(fullname);
+  std::deque<std::string> todo{fullname};
+  std::unordered_set<std::string> visited{fullname};
+  while (!todo.empty() && out.size() < max_related) {
+    std::string n = std::move(todo.front());
+    todo.pop_front();
+    entry_ptr en;
+    if (n != fullname) {
+      en = current(n);
+      if (!en->found) continue;
+    }
+    for (const auto& r : (en ? en->imports : e.imports)) {
+      if (r == fullname) continue;
+      out.insert(r);
+      if (top_of(r) == top && visited.insert(r).second) todo.push_back(r);
+    }
+  }
+  return {out.begin(), out.end()};
+}
+
+const std::string& module_responder::payload_of(const std::string& fullname, entry& e) {
+  if (!e.payload.empty()) return e.payload;
+  wire::value present = wire::none{};
+  if (e.is_pkg) {
+    wire::list l;
+    for (auto& n : e.submodules) l.items.emplace_back(wire::str{n});
+    present = std::move(l);
+  }
+  e.related = related_of(fullname, e);
+  wire::list related;
+  for (auto& r : e.related) related.items.emplace_back(wire::str{r});
+  // 0:fullname 1:pkg_present 2:path 3:compressed 4:related, as upstream.
+  e.payload = wire::encode(wire::tuple{{wire::str{fullname}, std::move(present), wire::str{e.path},
+                                        wire::blob{e.compressed}, std::move(related)}});
+  return e.payload;
+}
+
+std::string module_responder::payload_for(const std::string& fullname) {
+  auto result = std::make_shared<std::promise<std::string>>();
+  auto answer = result->get_future();
+  {
+    std::lock_guard lk(queue_->mu);
+    if (queue_->closed) return negative_payload(fullname);
+    queue::job j;
+    j.fn = [this, result, fullname] {
+      try {
+        if (!is_dotted_name(fullname)) {
+          result->set_value(negative_payload(fullname));
+        } else {
+          auto e = current(fullname);
+          result->set_value(payload_of(fullname, *e));
+        }
+      } catch (...) {
+        result->set_exception(std::current_exception());
+      }
+    };
+    queue_->jobs.push_back(std::move(j));
+  }
+  queue_->cv.notify_one();
+  return answer.get();
+}
+
+void module_responder::send(std::uint32_t context_id, const std::string& fullname, entry& e, bool record) {
   wire::message m;
   m.dst_id = context_id;
   m.handle = wire::LOAD_MODULE;
-  m.data = e.payload;
-  stats_.bytes_sent += m.data.size();
-  ++(e.found ? stats_.modules_sent : stats_.negatives_sent);
-  if (record) sent_[context_id].insert(fullname);
-  router_->route(std::move(m));
+  m.data = payload_of(fullname, e);
+  {
+    std::lock_guard lk(mu_);
+    stats_.bytes_sent += m.data.size();
+    ++(e.found ? stats_.modules_sent : stats_.negatives_sent);
+    if (record) sent_[context_id].insert(fullname);
+  }
+  post(std::move(m));
+}
+
+void module_responder::post(wire::message m) {
+  // Sent from the broker thread, where a stream never blocks: a child that asks
+  // and stops reading must not stall the worker, and with it every other child's
+  // imports. (Once the broker has stopped, nobody is left to answer.)
+  router_->get_broker()->defer([r = router_, m = std::move(m)]() mutable { r->route(std::move(m)); });
 }
 
 void module_responder::refuse(std::uint32_t context_id, const std::string& what, const std::string& why) {
-  ++stats_.refused;
+  {
+    std::lock_guard lk(mu_);
+    ++stats_.refused;
+  }
   if (warned_.insert(context_id).second) {
     spdlog::warn("mitogen: refused module {} to context {} ({}): {} (further refusals for this context are "
                  "logged at debug level)",
@@ -527,6 +806,7 @@ void module_responder::refuse(std::uint32_t context_id, const std::string& what,
 void module_responder::forget_gone_contexts() {
   // Context ids are never reused, so the sets of disconnected contexts only cost
   // memory: drop them now and then rather than hooking every disconnect.
+  std::lock_guard lk(mu_);
   for (auto it = sent_.begin(); it != sent_.end();) {
     if (router_->stream_for(it->first)) {
       ++it;
@@ -538,42 +818,43 @@ void module_responder::forget_gone_contexts() {
   prune_at_ = std::max<std::size_t>(64, 2 * sent_.size());
 }
 
-void module_responder::on_get_module(wire::message&& m) {
-  if (m.is_dead()) return;
-  std::lock_guard lk(mu_);
-  ++stats_.requests;
-  const std::uint32_t ctx = m.src_id;
+void module_responder::handle(std::uint32_t ctx, std::uint32_t reply_to, const std::string& name,
+                              std::size_t bad_size) {
+  {
+    std::lock_guard lk(mu_);
+    ++stats_.requests;
+  }
   // TODO(via=): requests relayed by an intermediary will need the requester's id
-  // and the route back; today every requester is a direct child.
-  if (!is_printable(m.data)) {
+  // and the route back; today every requester is a direct child (an intermediary
+  // answers its own children from its cache).
+  if (bad_size || !is_printable(name)) {
     // Not even a name we could echo: nobody honest sent this. Release a waiter, if any.
-    refuse(ctx, "<" + std::to_string(m.data.size()) + " bytes>", "not a module name");
-    if (m.reply_to) {
-      auto dead = wire::message::dead(ctx, m.reply_to, "GET_MODULE refused: not a module name");
-      router_->route(std::move(dead));
-    }
+    refuse(ctx, "<" + std::to_string(bad_size ? bad_size : name.size()) + " bytes>", "not a module name");
+    if (reply_to) post(wire::message::dead(ctx, reply_to, "GET_MODULE refused: not a module name"));
     return;
   }
-  const std::string& name = m.data;
   if (!is_dotted_name(name)) {
     refuse(ctx, "'" + name + "'", "not a dotted Python name");
-    send(ctx, name, entry{false, {}, negative_payload(name), {}}, false);
+    entry neg;
+    neg.payload = negative_payload(name);
+    send(ctx, name, neg, false);
     return;
   }
   if (sent_.size() >= prune_at_) forget_gone_contexts();
-  // TODO(perf): the first request for a module reads and compresses it here on the
-  // broker thread (~0.1-1 ms, more with its related modules); cached afterwards.
-  auto e = build(name);
+  auto e = current(name);
   if (!e->refusal.empty()) refuse(ctx, "'" + name + "'", e->refusal);
-  auto& sent = sent_[ctx];
   if (e->found) {
     // As upstream: related modules go first, but only those in the requested
     // top-level package or in one this context already has; the child caches them
-    // and imports them without asking.
+    // and imports them without asking. (Only this thread writes sent_.)
+    payload_of(name, *e);
     for (const auto& r : e->related) {
-      auto top = top_of(r);
-      if ((top != name && !sent.count(top)) || sent.count(r)) continue;
-      auto re = build(r);
+      const auto top = top_of(r);
+      auto it = sent_.find(ctx);
+      const bool has_top = it != sent_.end() && it->second.count(top);
+      const bool has_r = it != sent_.end() && it->second.count(r);
+      if ((top != name && !has_top) || has_r) continue;
+      auto re = current(r);
       if (re->found) send(ctx, r, *re);
     }
   }

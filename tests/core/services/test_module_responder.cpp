@@ -4,9 +4,13 @@
 #include <zlib.h>
 
 #include <catch2/catch.hpp>
+#include <condition_variable>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
+#include <mutex>
+#include <thread>
 
 #include "mitogen/mitogen.hpp"
 #include "router_rig.hpp"
@@ -335,4 +339,321 @@ TEST_CASE("search path order and a responder going away", "[module_responder]") 
   auto t0 = clk::now();
   CHECK(remote_type([&] { where("other"); }) == "builtins.ModuleNotFoundError");
   CHECK(clk::now() - t0 < 1s);
+}
+
+// ---- the worker thread, the resolver, and answers that follow the files -------
+
+namespace {
+
+/// A resolver backed by a table the test changes while contexts run, counting its
+/// calls and the threads they came on.
+struct table_resolver {
+  std::mutex mu;
+  std::map<std::string, module_source> modules;
+  int calls = 0;
+  bool on_broker = false;
+  std::shared_ptr<broker> b;
+
+  void set(const std::string& name, module_source s) {
+    std::lock_guard lk(mu);
+    modules[name] = std::move(s);
+  }
+  void erase(const std::string& name) {
+    std::lock_guard lk(mu);
+    modules.erase(name);
+  }
+  int count() {
+    std::lock_guard lk(mu);
+    return calls;
+  }
+  bool called_on_broker() {
+    std::lock_guard lk(mu);
+    return on_broker;
+  }
+  module_resolver fn() {
+    return [this](const std::string& name) -> std::optional<module_source> {
+      std::lock_guard lk(mu);
+      ++calls;
+      on_broker = on_broker || b->on_broker_thread();
+      auto it = modules.find(name);
+      if (it == modules.end()) return std::nullopt;
+      return it->second;
+    };
+  }
+};
+
+/// Holds the resolver inside a call for one name until released.
+struct gate {
+  std::mutex mu;
+  std::condition_variable cv;
+  bool entered = false;
+  bool released = false;
+  void enter() {
+    std::unique_lock lk(mu);
+    entered = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return released; });
+  }
+  bool wait_entered(std::chrono::seconds bound) {
+    std::unique_lock lk(mu);
+    return cv.wait_for(lk, bound, [&] { return entered; });
+  }
+  void release() {
+    std::lock_guard lk(mu);
+    released = true;
+    cv.notify_all();
+  }
+};
+
+module_source text(const std::string& path, const std::string& src) { return {path, src, false, {}}; }
+module_source file(const fs::path& p) { return {p.string(), std::nullopt, false, {}}; }
+
+std::string sent_source(module_responder& resp, const std::string& name) {
+  auto t = wire::decode(resp.payload_for(name)).v.as<wire::tuple>().items;
+  return t[3].is<wire::none>() ? std::string("<negative>") : inflate(t[3]);
+}
+
+}  // namespace
+
+TEST_CASE("requests are handled on the worker thread and never on the broker thread", "[module_responder]") {
+  rig t;
+  tree d;
+  table_resolver res;
+  res.b = t.b;
+  gate g;
+  res.set("probe", file(d.served / "probe.py"));
+  res.set("slowmod", text("/virtual/slowmod.py", "def f():\n    return 'slow'\n"));
+  auto inner = res.fn();
+  auto resp = module_responder::create(t.r, {.resolver = [&](const std::string& name) {
+                                               if (name == "slowmod") g.enter();
+                                               return inner(name);
+                                             }});
+  context a = local(*t.r);
+  context b = local(*t.r);
+  auto rx = a.call_async({.module = "slowmod", .function = "f"});
+  REQUIRE(g.wait_entered(30s));
+  // The resolver is stuck inside a's request: the broker still carries b's calls.
+  CHECK(call(b, "os", "getpid").as<std::int64_t>() != ::getpid());
+  CHECK(rx->size() == 0);
+  g.release();
+  CHECK(a.result(rx->get(30s)) == wire::value{wire::str{"slow"}});
+  CHECK_FALSE(res.called_on_broker());
+  // The module's path and source are the resolver's.
+  CHECK(call(a, "builtins", "eval", {{wire::str{"__import__('slowmod').__file__"}}}) ==
+        wire::value{wire::str{"master:/virtual/slowmod.py"}});
+}
+
+TEST_CASE("the resolver is asked at request time and negative answers are not cached", "[module_responder]") {
+  rig t;
+  tree d;
+  table_resolver res;
+  res.b = t.b;
+  auto resp = module_responder::create(t.r, {.resolver = res.fn()});
+  context a = local(*t.r);
+  CHECK(remote_type([&] { call(a, "latecomer", "f"); }) == "builtins.ModuleNotFoundError");
+  // The program can import it now: a context asking after that gets it (a keeps
+  // its negative answer, as any context keeps what it was sent).
+  write(d.root / "late" / "latecomer.py", "def f():\n    return 'here'\n");
+  res.set("latecomer", file(d.root / "late" / "latecomer.py"));
+  context b = local(*t.r);
+  CHECK(call(b, "latecomer", "f") == wire::value{wire::str{"here"}});
+  // Once served, the same bytes are served again without asking (no Python on the
+  // hot path), even if the program lost the module since: nothing new is given out.
+  res.erase("latecomer");
+  context c = local(*t.r);
+  CHECK(call(c, "latecomer", "f") == wire::value{wire::str{"here"}});
+  // Changed or removed, it is looked up again, and refused now.
+  fs::remove(d.root / "late" / "latecomer.py");
+  context e = local(*t.r);
+  CHECK(remote_type([&] { call(e, "latecomer", "f"); }) == "builtins.ModuleNotFoundError");
+}
+
+TEST_CASE("answers are cached by content: an edit reaches the contexts started after it", "[module_responder]") {
+  rig t;
+  tree d;
+  SECTION("a file the resolver names: no resolver call while it is unchanged") {
+    table_resolver res;
+    res.b = t.b;
+    const fs::path mod = d.root / "live" / "edited.py";
+    write(mod, "def v():\n    return 'one'\n");
+    res.set("edited", file(mod));
+    auto resp = module_responder::create(t.r, {.resolver = res.fn()});
+    context a = local(*t.r);
+    CHECK(call(a, "edited", "v") == wire::value{wire::str{"one"}});
+    CHECK(res.count() == 1);
+    context b = local(*t.r);
+    CHECK(call(b, "edited", "v") == wire::value{wire::str{"one"}});
+    CHECK(res.count() == 1);  // the hot path: no resolver (no Python), no rebuild
+    CHECK(resp->get_stats().builds == 1);
+    // Same size, same second: only the content tells them apart.
+    write(mod, "def v():\n    return 'two'\n");
+    context c = local(*t.r);
+    CHECK(call(c, "edited", "v") == wire::value{wire::str{"two"}});
+    CHECK(res.count() == 2);
+    CHECK(resp->get_stats().builds == 2);
+    // A context that already had it keeps its copy.
+    CHECK(call(a, "edited", "v") == wire::value{wire::str{"one"}});
+  }
+  SECTION("a source the resolver gives: asked each time, rebuilt only if it changed") {
+    table_resolver res;
+    res.b = t.b;
+    res.set("given", text("<given>", "X = 1\n"));
+    auto resp = module_responder::create(t.r, {.resolver = res.fn()});
+    CHECK(sent_source(*resp, "given") == "X = 1\n");
+    CHECK(sent_source(*resp, "given") == "X = 1\n");
+    CHECK(res.count() == 2);
+    CHECK(resp->get_stats().builds == 1);
+    res.set("given", text("<given>", "X = 2\n"));
+    CHECK(sent_source(*resp, "given") == "X = 2\n");
+    CHECK(resp->get_stats().builds == 2);
+  }
+  SECTION("search_path mode: edits and files created later are seen too") {
+    auto resp = module_responder::create(t.r, {.search_path = {d.served.string()}});
+    CHECK(sent_source(*resp, "helper_top") == "TEN = 10\n");
+    write(d.served / "helper_top.py", "TEN = 11\n");
+    CHECK(sent_source(*resp, "helper_top") == "TEN = 11\n");
+    CHECK(sent_source(*resp, "born_later") == "<negative>");
+    write(d.served / "born_later.py", "B = 1\n");
+    CHECK(sent_source(*resp, "born_later") == "B = 1\n");
+    CHECK(resp->get_stats().builds == 3);
+    CHECK(sent_source(*resp, "born_later") == "B = 1\n");
+    CHECK(resp->get_stats().builds == 3);
+  }
+}
+
+TEST_CASE("what a resolver answers is checked before it is served", "[module_responder]") {
+  rig t;
+  tree d;
+  table_resolver res;
+  res.b = t.b;
+  fs::create_symlink(d.outside / "secret.py", d.root / "linked.py");
+  write(d.outside / "data.txt", "SECRET = 'leaked'\n");
+  fs::create_symlink(d.outside / "data.txt", d.root / "txtlink.py");
+  res.set("relative", {"served/helper_top.py", std::nullopt, false, {}});
+  res.set("missing", file(d.root / "nope.py"));
+  res.set("notpy", file(d.outside / "data.txt"));
+  res.set("txtlink", file(d.root / "txtlink.py"));
+  res.set("linked", file(d.root / "linked.py"));  // a symlink to a .py: the program imports it too
+  res.set("nopath", text("", "X = 1\n"));
+  res.set("ctlpath", text("a\nb", "X = 1\n"));
+  res.set("huge", text("<huge>", std::string(2048, '#')));
+  res.set("pkgnames", {"/virtual/pkgnames/__init__.py", "", true, {"ok", "bad.name", "../up", "", "9x", "also_ok"}});
+  res.set("probe", file(d.served / "probe.py"));
+  res.set("stdlibish.sub", text("<stdlibish>", "X = 1\n"));
+  auto resp = module_responder::create(
+      t.r, {.resolver = [&](const std::string& name) -> std::optional<module_source> {
+              if (name == "raises") throw std::runtime_error("the finder broke");
+              return res.fn()(name);
+            },
+            .deny = {"denied"},
+            .excluded = {"stdlibish"},
+            .max_source_size = 1024});
+  context c = local(*t.r);
+  for (const std::string name : {"relative", "missing", "notpy", "txtlink", "nopath", "ctlpath", "huge", "raises"}) {
+    INFO("name: " << name);
+    CHECK(negative(ask(c, name)));
+  }
+  CHECK(resp->get_stats().refused == 8);
+  CHECK(sent_source(*resp, "linked") == "SECRET = 'leaked'\n");
+  auto pkg = wire::decode(resp->payload_for("pkgnames")).v.as<wire::tuple>().items;
+  CHECK(strs(pkg[1]) == std::vector<std::string>{"also_ok", "ok"});
+  // Denied, excluded and malformed names never reach the resolver; excluded ones
+  // are not refusals (every context has them itself).
+  const int before = res.count();
+  const auto refused = resp->get_stats().refused;
+  CHECK(negative(ask(c, "stdlibish.sub")));
+  CHECK(resp->get_stats().refused == refused);
+  CHECK(negative(ask(c, "denied_mod")));
+  CHECK(negative(ask(c, "../x")));
+  CHECK(res.count() == before);
+  // After all that the context is still served.
+  CHECK(call(c, "builtins", "eval", {{wire::str{"__import__('linked').SECRET"}}}) ==
+        wire::value{wire::str{"leaked"}});
+}
+
+TEST_CASE("a full request queue and a responder going away answer every waiter", "[module_responder]") {
+  rig t;
+  tree d;
+  table_resolver res;
+  res.b = t.b;
+  gate g;
+  write(d.served / "flood.py",
+        "import mitogen.core as core\n"
+        "def flood(names, expect):\n"
+        "    imp = core._importer\n"
+        "    slot = core._Slot()\n"
+        "    count = [0]\n"
+        "    def answered():\n"
+        "        count[0] += 1\n"
+        "        if count[0] == expect:\n"
+        "            core._inbox.deliver(slot, None)\n"
+        "    for name in names:\n"
+        "        imp.request(name, answered)\n"
+        "    if expect:\n"
+        "        core._inbox.wait(slot)\n"
+        "    return [n for n in names if imp.cached(n) is not None]\n");
+  res.set("flood", file(d.served / "flood.py"));
+  auto inner = res.fn();
+  auto resp = std::make_optional(module_responder::create(
+      t.r, {.resolver = [&](const std::string& name) {
+              if (name == "gate") g.enter();
+              return inner(name);
+            },
+            .max_pending = 2}));
+  context a = local(*t.r);
+  context b = local(*t.r);
+  CHECK(call(b, "flood", "flood", {{wire::list{}, std::int64_t{0}}}) == wire::value{wire::list{}});
+  auto held = a.call_async({.module = "gate", .function = "f"});
+  REQUIRE(g.wait_entered(30s));
+  // The worker is held inside the resolver: two requests wait, the other eight get
+  // dead replies at once (the child takes them as "not found").
+  wire::list names;
+  for (int i = 0; i < 10; ++i) names.items.emplace_back(wire::str{"flooded" + std::to_string(i)});
+  auto answered = call(b, "flood", "flood", {{names, std::int64_t{8}}}).as<wire::list>().items;
+  CHECK(answered.size() == 8);
+  CHECK(std::find(answered.begin(), answered.end(), wire::value{wire::str{"flooded0"}}) == answered.end());
+  CHECK(std::find(answered.begin(), answered.end(), wire::value{wire::str{"flooded1"}}) == answered.end());
+  CHECK(resp.value()->get_stats().refused == 8);
+  // b's two queued requests and a's held one are answered when the responder goes,
+  // even though the worker is stuck: destroying it waits for the resolver.
+  auto rx = b.call_async({.module = "flood", .function = "flood", .args = {{names, std::int64_t{10}}}});
+  std::thread destroyer([&] { resp.reset(); });
+  g.release();
+  destroyer.join();
+  CHECK(b.result(rx->get(30s)).as<wire::list>().items.size() == 10);
+  CHECK(remote_type([&] { a.result(held->get(30s)); }) == "builtins.ModuleNotFoundError");
+}
+
+TEST_CASE("a child that stops reading does not hold up the other children's imports", "[module_responder]") {
+  rig t;
+  tree d;
+  // About 1 MiB that zlib shrinks little: 40 answers are far over a stream's 16 MiB
+  // queue bound, past which a thread other than the broker's would block.
+  std::string big = "BIG = '";
+  std::uint32_t x = 12345;
+  const char* alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  for (int i = 0; i < (1 << 20); ++i) {
+    x = x * 1103515245u + 12345u;
+    big.push_back(alphabet[(x >> 16) & 63]);
+  }
+  write(d.served / "big.py", big + "'\n");
+  write(d.served / "hog.py",
+        "import time\n"
+        "import mitogen.core as core\n"
+        "def ask_and_sleep(name, n):\n"
+        "    for _ in range(n):\n"
+        "        core._send(core.parent_id, core.GET_MODULE, name.encode(), reply_to=0)\n"
+        "    time.sleep(300)\n");
+  auto resp = module_responder::create(t.r, {.search_path = {d.served.string()}});
+  context a = local(*t.r);
+  context b = local(*t.r);
+  // a asks for big.py 40 times, then sleeps in its call: nobody reads its stream.
+  auto hog = a.call_async({.module = "hog", .function = "ask_and_sleep", .args = {{wire::str{"big"}, std::int64_t{40}}}});
+  const auto deadline = clk::now() + 60s;
+  while (resp->get_stats().requests < 41 && clk::now() < deadline) std::this_thread::sleep_for(10ms);
+  CHECK(resp->get_stats().requests == 41);  // hog, then 40 x big: none left waiting
+  CHECK(resp->get_stats().bytes_sent > 24u << 20);  // well over the 16 MiB bound
+  // b is served meanwhile.
+  CHECK(call(b, "pkg.sibling", "double", {{std::int64_t{5}}}).as<std::int64_t>() == 10);
+  t.r->disconnect(a.id(), make_error_code(errc::protocol_error), "the test is over");
 }
