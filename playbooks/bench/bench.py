@@ -87,6 +87,11 @@ class Bench(object):
 
     def env(self, config):
         e = dict(os.environ)
+        # As on a normal machine: Python caches compiled modules. (Some build
+        # sandboxes export PYTHONDONTWRITEBYTECODE; then every worker compiles
+        # mitogen_native from source, ~15-20 ms a task, while Ansible's own
+        # modules come precompiled from Debian.)
+        e.pop('PYTHONDONTWRITEBYTECODE', None)
         e.update({
             'ANSIBLE_COLLECTIONS_PATH': self.world['collections_path'],
             'ANSIBLE_HOST_KEY_CHECKING': 'True',

@@ -79,6 +79,11 @@ class Demo(object):
         fetch_dir = os.path.join(self.d, 'fetched-' + name)
         shutil.rmtree(fetch_dir, ignore_errors=True)
         env = dict(os.environ)
+        # As on a normal machine: Python caches compiled modules. (Some build
+        # sandboxes export PYTHONDONTWRITEBYTECODE; then every worker compiles
+        # mitogen_native from source, ~15-20 ms a task, while Ansible's own
+        # modules come precompiled from Debian.)
+        env.pop('PYTHONDONTWRITEBYTECODE', None)
         env.update({
             'ANSIBLE_COLLECTIONS_PATH': self.collections,
             'ANSIBLE_HOST_KEY_CHECKING': 'True',
