@@ -654,13 +654,14 @@ _warm_errors = []        # the last few unexpected errors (warm_parents())
 
 def warm_parents():
     """This agent's warm fork parents, most recently used first, as
-    ``[{'pid', 'directory', 'zip', 'modules', 'uses', 'env_reads'}]``, plus
+    ``[{'pid', 'directory', 'zip', 'modules', 'uses', 'compiled',
+    'env_reads'}]``, plus
     why a warm import failed or was refused (``{'failed': [...],
     'errors': [...]}`` as the last item). For tests and troubleshooting."""
     out = []
     for p in _warm_parents:
         out.append({'pid': p.pid, 'directory': p.directory, 'zip': p.zip_path,
-                    'modules': list(p.modules), 'uses': p.uses,
+                    'modules': list(p.modules), 'uses': p.uses, 'compiled': p.compiled,
                     'env_reads': dict(p.env_reads or {})})
     out.append({'failed': sorted(_warm_failed.values()), 'errors': list(_warm_errors)})
     return out
@@ -826,6 +827,7 @@ class _WarmParent(object):
         self.env_all = env_all           # the whole environment, if the import read it all
         self.modules = modules
         self.uses = 0
+        self.compiled = 0        # files its code cache held at the last run
         self.lock = _thread.allocate_lock()
         self.reaped = False      # its exit status was collected
         self.retired = False     # its socket was closed
@@ -952,7 +954,9 @@ class _WarmParent(object):
             reply, _ = _recv_msg(self.sock)
         except (OSError, EOFError, ValueError, TypeError) as e:
             reply = ('failed', str(e))
-        if reply[0] != 'started':
+        if reply[0] == 'started':
+            self.compiled = reply[2]
+        else:
             os.close(out_r)
             os.close(err_r)
             _note_error('warm parent %d: %s' % (self.pid, reply[1]))
@@ -1058,6 +1062,10 @@ def _warm_server(sock, zip_path, directory, env):
             except EOFError:
                 return 0
             _serve_request(sock, request, fds, warm)
+            if len(request) == 4:
+                # While the agent reads the result: compile what the next
+                # run of this module will need.
+                warm.codes.learn(request[3])
     except (BrokenPipeError, ConnectionResetError, EOFError):
         return 0
     finally:
@@ -1087,7 +1095,7 @@ def _serve_request(sock, request, fds, warm):
             os._exit(status)
     os.close(out_w)
     os.close(err_w)
-    _send_msg(sock, ('started', pid))
+    _send_msg(sock, ('started', pid, len(warm.codes.codes)))
     _, wstatus = _waitpid(pid)
     _send_msg(sock, ('exited', wstatus))
 
@@ -1216,6 +1224,7 @@ class _WarmImports(object):
         self.modules = modules
         self.pristine = frozenset(p for p in sys.path if isinstance(p, str))
         self.roots = {}
+        self.codes = _CodeCache(zip_path, modules)
 
     def adopt(self, replaced):
         for module in self.modules.values():
@@ -1257,6 +1266,95 @@ class _WarmImports(object):
         warm, prefix = self.zip_path, self.zip_path + os.sep
         return [root + e[len(warm):] if isinstance(e, str) and (e == warm or e.startswith(prefix))
                 else e for e in entries]
+
+
+class _CodeCache(object):
+    """Compiled code of the payload files a warm parent did not import (the
+    module itself, other module_utils), keyed by the SHA-256 of their source,
+    so that a fork compiles only what no earlier payload had (zipimport
+    compiles every file from source otherwise: most of a small module's run).
+    The parent compiles after a run, between requests; a fork's zipimport
+    takes the cached code, with its file name set to the path it would have
+    compiled it under. Python 3.8+ (zipimport in Python, code.replace)."""
+
+    MAX_ENTRIES = 512
+    BUDGET = 0.1     # seconds of compiling after one run
+
+    def __init__(self, zip_path, modules):
+        self.codes = {}
+        self.learned = set()        # payload keys whose files were all seen
+        self.skip = set()           # digests not to compile (warm, or bad source)
+        self.compile = None
+        import zipimport
+        original = getattr(zipimport, '_compile_source', None)
+        if original is None or not hasattr(type(_CodeCache.__init__.__code__), 'replace'):
+            return
+        import hashlib
+        import zipfile
+        prefix = zip_path + os.sep
+        with zipfile.ZipFile(zip_path) as zf:
+            for module in modules.values():   # never compiled again in a fork
+                entry = module.__file__[len(prefix):].replace(os.sep, '/')
+                try:
+                    self.skip.add(hashlib.sha256(zf.read(entry)).digest())
+                except KeyError:
+                    pass
+        self.compile = original
+        codes = self.codes
+
+        def _compile_source(pathname, source):
+            code = codes.get(hashlib.sha256(source).digest())
+            if code is None:
+                return original(pathname, source)
+            return _renamed(code, pathname)
+        zipimport._compile_source = _compile_source
+
+    def learn(self, source):
+        if self.compile is None or _ANSIBALLZ_MARK not in source[:4096]:
+            return
+        start = source.find(_ZIPDATA_OPEN)
+        end = source.find(b'"""', start + len(_ZIPDATA_OPEN)) if start >= 0 else -1
+        if end < 0:
+            return
+        import binascii
+        import hashlib
+        import io
+        import zipfile
+        b64 = source[start + len(_ZIPDATA_OPEN):end]
+        key = hashlib.sha256(b64).digest()
+        if key in self.learned:
+            return
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(binascii.a2b_base64(b64)))
+            names = [n for n in zf.namelist() if n.endswith('.py')]
+        except Exception:
+            self.learned.add(key)
+            return
+        # A request that comes meanwhile waits at most BUDGET: compiling here
+        # is work the next fork of this module would do anyway.
+        import time
+        deadline = time.monotonic() + self.BUDGET
+        for name in names:
+            data = zf.read(name)
+            digest = hashlib.sha256(data).digest()
+            if digest in self.codes or digest in self.skip:
+                continue
+            if time.monotonic() > deadline:
+                return          # the rest after the next run
+            try:
+                self.codes[digest] = self.compile('<warm>', data)
+            except Exception:
+                self.skip.add(digest)   # the run that imports it reports the error
+            while len(self.codes) > self.MAX_ENTRIES:
+                del self.codes[next(iter(self.codes))]
+        self.learned.add(key)
+
+
+def _renamed(code, filename):
+    """`code` (and the code objects nested in it) as compiled under `filename`."""
+    consts = tuple(_renamed(c, filename) if isinstance(c, type(code)) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
 
 
 class _PayloadPath(list):

@@ -256,6 +256,20 @@ def test_warm_parent_serves_every_module_with_the_same_code(fresh_agent, payload
     assert os.path.dirname(parent['zip']) == parent['directory'] != '/tmp'
 
 
+def test_cached_code_runs_as_compiled_code(fresh_agent, payloads):
+    """After a run, the warm parent compiles the payload's other files; later
+    runs use that code: its tracebacks name the new payload's files and lines
+    exactly as a fresh interpreter's do."""
+    fresh = run_module(fresh_agent, payloads['probe raises'], fork_ok=False)
+    for _ in range(3):
+        warm = run_module(fresh_agent, payloads['probe raises'])
+        assert warm[0] == fresh[0] == 1
+        assert normalized(warm[2].decode()) == normalized(fresh[2].decode())
+        assert 'probe.py", line' in warm[2].decode()
+    parents, _ = warm_state(fresh_agent)
+    assert parents[0]['compiled'] >= 1     # probe.py at least
+
+
 def test_no_state_leaks_between_runs(fresh_agent, payloads):
     mutate = ansiballz('warm_probe', {'mutate': True}, os.path.join(LIBRARY, 'warm_probe.py'))
     first = run_module(fresh_agent, mutate)[3]
