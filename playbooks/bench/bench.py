@@ -37,6 +37,17 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 ANSIBLE_ENV = os.path.join(ROOT, 'tests', 'ansible', 'ansible_env.py')
 ANSIBLE_PLAYBOOK = '/usr/bin/ansible-playbook'
 CONFIGS = ('stock', 'ours', 'upstream')
+#: Ends the multiplexer daemon listening on argv[1], if the package has one.
+STOP_MUX = '''import sys
+try:
+    from mitogen_native import mux
+except ImportError:
+    sys.exit(0)
+try:
+    mux.attach(sys.argv[1], start=False).stop()
+except Exception:
+    pass
+'''
 
 
 def count_tasks(playbook):
@@ -64,6 +75,16 @@ class Bench(object):
         os.makedirs(self.base)
         os.chown(self.base, user.pw_uid, user.pw_gid)
         self.cp_dir = tempfile.mkdtemp(prefix='mnbcp')    # short: a socket path
+        # Ours: a multiplexer daemon of the benchmark's own (when the package
+        # has one): it keeps contexts between runs, as ControlPersist keeps
+        # stock's connections, and is stopped at the end.
+        self.mux_dir = tempfile.mkdtemp(prefix='mnbmux')
+        self.mux_socket = os.path.join(self.mux_dir, 'mux.sock')
+
+    def close(self):
+        subprocess.run([sys.executable, '-c', STOP_MUX, self.mux_socket], timeout=60)
+        shutil.rmtree(self.cp_dir, ignore_errors=True)
+        shutil.rmtree(self.mux_dir, ignore_errors=True)
 
     def inventory(self, config):
         path = os.path.join(self.work_dir, 'inventory-%s-%d' % (config, self.hosts))
@@ -99,6 +120,7 @@ class Bench(object):
             'ANSIBLE_NOCOLOR': '1',
             'ANSIBLE_FORKS': str(max(5, self.hosts)),
             'ANSIBLE_CONFIG': os.path.join(self.work_dir, 'no-ansible.cfg'),
+            'MITOGEN_MUX_SOCKET': self.mux_socket,
         })
         if config in ('stock', 'upstream'):
             # Stock's fastest: pipelining and a master connection per host
@@ -127,6 +149,13 @@ class Bench(object):
 
 def measure(world, work_dir, hosts, configs, runs, ntasks):
     bench = Bench(world, work_dir, hosts)
+    try:
+        return _measure(bench, hosts, configs, runs, ntasks)
+    finally:
+        bench.close()
+
+
+def _measure(bench, hosts, configs, runs, ntasks):
     times = dict((c, {'floor': [], 'work': []}) for c in configs)
     first = {}
     failed = {}
@@ -155,7 +184,6 @@ def measure(world, work_dir, hosts, configs, runs, ntasks):
         }
     for c, why in failed.items():
         out[c] = {'failed': why.splitlines()[0]}
-    shutil.rmtree(bench.cp_dir, ignore_errors=True)
     return out
 
 
@@ -213,6 +241,10 @@ def main():
         subprocess.run([sys.executable, ANSIBLE_ENV, 'stop', d], timeout=60)
     after = subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()
     backend = os.environ.get('MITOGEN_NATIVE_BACKEND', 'auto')
+    if backend == 'auto':
+        has_mux = subprocess.run([sys.executable, '-c', 'import mitogen_native.mux'],
+                                 capture_output=True).returncode == 0
+        backend += ' (%s)' % ('the multiplexer daemon' if has_mux else 'in-process')
     print('%d tasks per playbook, %d measured runs each (median), backend=%s'
           % (ntasks, args.runs, backend))
     print('uptime before: %s' % before)

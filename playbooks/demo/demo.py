@@ -33,6 +33,17 @@ sys.path.insert(0, HERE)
 import loopback  # noqa: E402
 
 ANSIBLE_PLAYBOOK = '/usr/bin/ansible-playbook'
+#: Ends the multiplexer daemon listening on argv[1], if the package has one.
+STOP_MUX = '''import sys
+try:
+    from mitogen_native import mux
+except ImportError:
+    sys.exit(0)
+try:
+    mux.attach(sys.argv[1], start=False).stop()
+except Exception:
+    pass
+'''
 PLUGINS = (('stock', 'ssh'), ('ours', 'mitogen.native.ssh'))
 
 
@@ -60,6 +71,11 @@ class Demo(object):
         os.chown(self.root, user.pw_uid, user.pw_gid)
         self.cp_dir = os.path.join(d, 'cp')     # ssh's ControlPath: keep it short
         os.mkdir(self.cp_dir, 0o700)
+        # Ours: a multiplexer daemon of the demo's own (when the package has
+        # one), stopped at the end rather than left to its idle timeout.
+        mux_dir = os.path.join(d, 'mux')
+        os.mkdir(mux_dir, 0o700)
+        self.mux_socket = os.path.join(mux_dir, 'mux.sock')
         self.fetched = {}
 
     def inventory(self, plugin):
@@ -90,6 +106,7 @@ class Demo(object):
             'ANSIBLE_RETRY_FILES_ENABLED': 'False',
             'ANSIBLE_CONFIG': os.path.join(self.d, 'no-ansible.cfg'),
         })
+        env['MITOGEN_MUX_SOCKET'] = self.mux_socket
         if name == 'stock':
             env['ANSIBLE_PIPELINING'] = 'True'
             env['ANSIBLE_SSH_ARGS'] = ('-o ControlMaster=auto -o ControlPersist=60s '
@@ -134,6 +151,7 @@ def main():
             os.pathsep + os.environ['PYTHONPATH'] if os.environ.get('PYTHONPATH') else '')
     d = tempfile.mkdtemp(prefix='mitogen-demo-')
     os.chmod(d, 0o755)
+    demo = None
     try:
         print('demo: starting a throw-away sshd on 127.0.0.1 and the user %s' % loopback.USER)
         target = loopback.start(os.path.join(d, 'sshd'))
@@ -171,6 +189,8 @@ def main():
         if not same:
             sys.exit(1)
     finally:
+        if demo is not None:
+            subprocess.run([sys.executable, '-c', STOP_MUX, demo.mux_socket], timeout=60)
         loopback.stop(os.path.join(d, 'sshd'))
         shutil.rmtree(d, ignore_errors=True)
 
