@@ -390,3 +390,35 @@ def test_plain_programs_never_use_a_warm_parent(fresh_agent):
     rc, out, _, = fresh_agent.call(target.exec_command, CMD, PROGRAMS['prints'], False, True)
     assert (rc, out) == (0, b'out\n')
     assert warm_state(fresh_agent)[0] == []
+
+
+def test_which_payloads_a_warm_parent_holds():
+    """The rule (no agent needed): every entry the warm import depended on is
+    the same or equally absent, no new top-level name shadows a loaded module,
+    and the environment the import read is the same."""
+    parent = target._WarmParent(
+        pid=0, sock=None, directory='/nonexistent', zip_path='/nonexistent/modlib.zip',
+        requires={'ansible/module_utils/basic.py': 'b1', 'ansible/module_utils/gone.py': None},
+        tops=frozenset(['ansible']), loaded_tops=frozenset(['ansible', 'json', 'os']),
+        env_reads={'UNIXCONFDIR': None, 'X': '1'}, env_all=None, modules=[])
+    same = {'ansible/module_utils/basic.py': 'b1', 'ansible/modules/ping.py': 'p'}
+    assert parent.holds(same, frozenset(['ansible']))
+    # A collection's files come on top: fine.
+    assert parent.holds(dict(same, **{'ansible_collections/ns/c/plugins/modules/m.py': 'm'}),
+                        frozenset(['ansible', 'ansible_collections']))
+    assert not parent.holds(dict(same, **{'ansible/module_utils/basic.py': 'b2'}),
+                            frozenset(['ansible']))
+    assert not parent.holds({'ansible/modules/ping.py': 'p'}, frozenset(['ansible']))
+    # A file the import looked for and did not find is now there.
+    assert not parent.holds(dict(same, **{'ansible/module_utils/gone.py': 'g'}),
+                            frozenset(['ansible']))
+    # A top-level json.py would shadow the json the parent imported.
+    assert not parent.holds(dict(same, **{'json.py': 'j'}), frozenset(['ansible', 'json']))
+    assert parent.env_ok({'X': '1', 'OTHER': 'y'})
+    assert not parent.env_ok({'X': '2'})
+    assert not parent.env_ok({'X': '1', 'UNIXCONFDIR': '/etc'})
+    everything = target._WarmParent(
+        pid=0, sock=None, directory='/nonexistent', zip_path='/nonexistent/modlib.zip',
+        requires={}, tops=frozenset(), loaded_tops=frozenset(), env_reads=None,
+        env_all={'A': '1'}, modules=[])
+    assert everything.env_ok({'A': '1'}) and not everything.env_ok({'A': '1', 'B': '2'})
