@@ -37,6 +37,10 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 ANSIBLE_ENV = os.path.join(ROOT, 'tests', 'ansible', 'ansible_env.py')
 ANSIBLE_PLAYBOOK = '/usr/bin/ansible-playbook'
 CONFIGS = ('stock', 'ours', 'upstream')
+#: Also available with --configs: ours without warm fork parents (each forked
+#: module imports its module_utils itself), and without forks at all (a new
+#: interpreter per module, as stock).
+EXTRA_CONFIGS = ('ours-cold', 'ours-nofork')
 #: Ends the multiplexer daemon listening on argv[1], if the package has one.
 STOP_MUX = '''import sys
 try:
@@ -94,7 +98,8 @@ class Bench(object):
             lines.append('b%d ansible_host=%s' % (i + 1, w['addresses'][i]))
         lines += [
             '[bench:vars]',
-            'ansible_connection=%s' % ('mitogen.native.ssh' if config == 'ours' else 'ssh'),
+            'ansible_connection=%s' % ('mitogen.native.ssh' if config.startswith('ours')
+                                       else 'ssh'),
             'ansible_port=%d' % w['port'],
             'ansible_user=%s' % w['user'],
             'ansible_ssh_private_key_file=%s' % w['identity_file'],
@@ -102,6 +107,8 @@ class Bench(object):
             % w['known_hosts'],
             'ansible_python_interpreter=/usr/bin/python3',
         ]
+        if config == 'ours-nofork':
+            lines.append('ansible_mitogen_fork_modules=false')
         with open(path, 'w') as f:
             f.write('\n'.join(lines) + '\n')
         return path
@@ -130,6 +137,8 @@ class Bench(object):
                                      '-o ControlPath=%s/%%C' % self.cp_dir)
         if config == 'upstream':
             e['ANSIBLE_STRATEGY'] = 'mitogen_linear'
+        if config == 'ours-cold':
+            e['MITOGEN_NATIVE_WARM_MODULES'] = '0'
         return e
 
     def run(self, config, playbook):
@@ -193,6 +202,8 @@ def table(results, ntasks):
              '|---:|---|---:|---:|---:|---:|---:|']
     names = {'stock': 'stock ssh, pipelining, ControlPersist',
              'ours': 'mitogen.native.ssh',
+             'ours-cold': 'mitogen.native.ssh, no warm fork parents',
+             'ours-nofork': 'mitogen.native.ssh, fork_modules=false',
              'upstream': 'upstream Mitogen 0.3.3 (mitogen_linear)'}
     for hosts, by_config in results.items():
         stock = by_config.get('stock', {}).get('per_task_ms')
@@ -211,13 +222,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('--runs', type=int, default=5)
     ap.add_argument('--hosts', default='1,10')
-    ap.add_argument('--configs', default=','.join(CONFIGS))
+    ap.add_argument('--configs', default=','.join(CONFIGS),
+                    help='of %s' % ', '.join(CONFIGS + EXTRA_CONFIGS))
     ap.add_argument('--json', help='also write the figures to this file')
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit('bench: needs root (a throw-away sshd and its users)')
     host_counts = [int(h) for h in args.hosts.split(',')]
     configs = [c for c in args.configs.split(',') if c]
+    unknown = [c for c in configs if c not in CONFIGS + EXTRA_CONFIGS]
+    if unknown:
+        sys.exit('bench: unknown configuration %s (known: %s)'
+                 % (', '.join(unknown), ', '.join(CONFIGS + EXTRA_CONFIGS)))
     if 'upstream' in configs and not upstream_available():
         sys.stderr.write('bench: upstream Mitogen for Ansible is not installed '
                          '(apt-get install ansible-mitogen): skipped\n')
