@@ -1178,6 +1178,12 @@ def _warm_import(zip_path, env):
     sys.modules['__main__'] = main
     sys.path[:] = [zip_path] + [p for p in saved_path if p not in ('', '.')]
     sys.meta_path.insert(0, recorder)
+    # What the import prints (a warning, say) would be part of a fresh run's
+    # output, which no fork of ours would repeat: such a payload is not warmed.
+    capture_path = os.path.join(os.path.dirname(zip_path), 'import.out')
+    capture = os.open(capture_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.dup2(capture, 1)
+    os.dup2(capture, 2)
     os.environ.__class__ = _recording_environ(environ_class, reads, flags)
     try:
         for name in _WARM_IMPORTS:
@@ -1186,6 +1192,18 @@ def _warm_import(zip_path, env):
         error = 'importing %s from the payload failed: %s: %s' % (
             name, type(e).__name__, e)
     finally:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+        printed = os.lseek(capture, 0, os.SEEK_END)
+        os.close(capture)
+        os.unlink(capture_path)
         os.environ.__class__ = environ_class
         sys.meta_path.remove(recorder)
         sys.path[:] = saved_path
@@ -1195,6 +1213,8 @@ def _warm_import(zip_path, env):
         # the objects each fork replaces (_WarmImports.adopt).
     if error is None and flags.get('wrote'):
         error = 'importing %s changed the environment' % (', '.join(_WARM_IMPORTS),)
+    if error is None and printed:
+        error = 'importing %s wrote %d bytes of output' % (', '.join(_WARM_IMPORTS), printed)
     if error is not None:
         return False, error
     prefix = zip_path + os.sep

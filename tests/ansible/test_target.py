@@ -312,6 +312,27 @@ def test_other_code_gets_another_warm_parent_or_none(fresh_agent, payloads):
     assert any('warnings' in why for why in diag['failed']), diag
 
 
+@pytest.mark.parametrize('addition, why', [
+    (b'\nimport sys\nsys.stderr.write("basic says hello\\n")\n', 'wrote'),
+    (b'\nimport os\nos.environ["SET_BY_BASIC"] = "1"\n', 'changed the environment'),
+])
+def test_import_with_side_effects_is_not_warmed(fresh_agent, payloads, addition, why):
+    """A basic.py that prints or sets the environment when imported: a
+    fresh run shows it; a fork of a warm parent would not, so such code gets
+    no warm parent and each run imports it itself."""
+    payload = rewrite_zip(payloads['warm_probe'], {
+        'ansible/module_utils/basic.py': _entry(payloads['warm_probe'],
+                                                'ansible/module_utils/basic.py') + addition})
+    fresh = run_module(fresh_agent, payload, fork_ok=False)
+    warm = run_module(fresh_agent, payload)
+    assert warm[0] == fresh[0] == 0, warm
+    assert normalized(warm[2].decode()) == normalized(fresh[2].decode())
+    w, f = normalized(warm[3]), normalized(fresh[3])
+    assert w == f, (w, f)
+    parents, diag = warm_state(fresh_agent)
+    assert parents == [] and any(why in text for text in diag['failed']), diag
+
+
 def _entry(payload, name):
     start = payload.index(b'ZIPDATA = """') + len(b'ZIPDATA = """')
     end = payload.index(b'"""', start)
