@@ -625,6 +625,8 @@ def _finish(status):
 # value. Anything else forks this agent as before (a "cold" fork). In the fork,
 # the warm packages' __path__ point at the new payload's zip (once the wrapper
 # has put it on sys.path), so what is not warm comes from the new payload.
+# Between runs a warm parent compiles the payload's other files, and its forks
+# take that code instead of compiling the same source (_CodeCache).
 #
 # The parent is a separate process rather than this agent so that the agent's
 # own interpreter never holds `ansible` (a call into the agent that imports
@@ -653,11 +655,11 @@ _warm_errors = []        # the last few unexpected errors (warm_parents())
 
 
 def warm_parents():
-    """This agent's warm fork parents, most recently used first, as
-    ``[{'pid', 'directory', 'zip', 'modules', 'uses', 'compiled',
-    'env_reads'}]``, plus
-    why a warm import failed or was refused (``{'failed': [...],
-    'errors': [...]}`` as the last item). For tests and troubleshooting."""
+    """This agent's warm fork parents, most recently used first, as dicts
+    (``pid``, ``directory``, ``zip``, ``modules``, ``uses``, ``compiled``,
+    ``env_reads``), then one more dict saying why warm imports failed or were
+    refused (``failed``) and the last unexpected errors (``errors``). For
+    tests and troubleshooting."""
     out = []
     for p in _warm_parents:
         out.append({'pid': p.pid, 'directory': p.directory, 'zip': p.zip_path,
