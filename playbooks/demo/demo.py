@@ -184,6 +184,7 @@ def main():
               % (ours, first['ours']))
         print('  ours / stock: %.2fx   fetched files identical: %s'
               % (ours / stock, 'yes' if same else 'NO'))
+        print('  (ours ran with %s)' % _backend())
         with open('/proc/loadavg') as f:
             print('  (load average during the demo: %s)' % ' '.join(f.read().split()[:3]))
         if not same:
@@ -193,6 +194,16 @@ def main():
             subprocess.run([sys.executable, '-c', STOP_MUX, demo.mux_socket], timeout=60)
         loopback.stop(os.path.join(d, 'sshd'))
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _backend():
+    if os.environ.get('MITOGEN_NATIVE_BACKEND', 'auto') not in ('auto', 'mux'):
+        return 'the in-process backend: a new connection for every task'
+    if subprocess.run([sys.executable, '-c', 'import mitogen_native.mux'],
+                      capture_output=True).returncode == 0:
+        return 'the multiplexer daemon: connections kept across tasks and runs'
+    return ('the in-process backend: a new connection for every task (this build '
+            'has no multiplexer daemon)')
 
 
 def _task_count():
