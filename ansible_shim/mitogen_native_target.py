@@ -796,6 +796,42 @@ def _reap_zombies():
             _zombies.remove(pid)
 
 
+#: Warm parents' directories: PREFIX + the agent's pid + '-' + random.
+_DIR_PREFIX = 'mitogen-warm-'
+
+
+def _remove_stale_directories(tmp):
+    """Remove the directories of warm parents whose agent is gone: a warm
+    parent removes its own when it exits, but not when it is killed
+    (SIGKILL to a whole process tree, a crash)."""
+    import stat
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX):].split('-', 1)[0]
+        if not pid.isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue            # its agent lives
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue            # someone's process: not ours to judge
+        _remove_tree(path)
+
+
 def _remove_tree(directory):
     """Remove the warm parent's directory (only files: the zip)."""
     try:
@@ -840,7 +876,8 @@ class _WarmParent(object):
         import socket
         import tempfile
         data = binascii.a2b_base64(b64)
-        directory = tempfile.mkdtemp(prefix='mitogen-warm-')
+        _remove_stale_directories(tempfile.gettempdir())
+        directory = tempfile.mkdtemp(prefix='%s%d-' % (_DIR_PREFIX, os.getpid()))
         zip_path = os.path.join(directory, 'modlib.zip')
         fd = os.open(zip_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -157,6 +157,27 @@ def _session_pids(pid):
     return out
 
 
+def _is_agent(pid):
+    """A mitogen-native agent, or its warm fork parent ('mitogen:NAME')."""
+    try:
+        with open('/proc/%d/cmdline' % pid, 'rb') as f:
+            return f.read().startswith(b'mitogen:')
+    except OSError:
+        return False
+
+
+def _remove_warm_directories(uid):
+    """The user's agents kept warm fork parents' directories in /tmp
+    (mitogen_native_target); one killed above could not remove its own."""
+    import tempfile
+    tmp = tempfile.gettempdir()
+    for name in os.listdir(tmp):
+        path = os.path.join(tmp, name)
+        if name.startswith('mitogen-warm-') and not os.path.islink(path) and \
+                os.path.isdir(path) and os.lstat(path).st_uid == uid:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def stop(d):
     """Stop the sshd started in `d` and every session it holds, remove the
     sudoers rule, the throw-away user and `d`."""
@@ -166,6 +187,12 @@ def stop(d):
     except (OSError, ValueError):
         pid = None
     if pid:
+        # Sessions whose agents are ending (the demo stopped the daemon that
+        # held them) get a moment to finish, so that their warm fork parents
+        # remove their directories; then everything left goes.
+        deadline = time.time() + 5
+        while any(_is_agent(p) for p in _session_pids(pid)) and time.time() < deadline:
+            time.sleep(0.05)
         for p in [pid] + _session_pids(pid):
             try:
                 os.kill(p, signal.SIGKILL)
@@ -184,6 +211,7 @@ def stop(d):
     except KeyError:
         entry = None
     if entry is not None and entry.pw_gecos == GECOS:
+        _remove_warm_directories(entry.pw_uid)
         # The user's processes (agents) were sessions of that sshd: they are
         # gone, or going; userdel refuses while one is left.
         for _ in range(100):

@@ -384,6 +384,30 @@ def test_killed_warm_parent_is_replaced(fresh_agent, payloads):
     assert first['basic_file'] != second[3]['basic_file']
 
 
+def test_directories_of_killed_parents_are_removed_later(fresh_agent, payloads):
+    """A warm parent killed with its agent (SIGKILL to a process tree) cannot
+    remove its directory: the next warm parent started as that user does."""
+    import subprocess
+    import tempfile
+    dead = subprocess.Popen(['true'])
+    dead.wait()                      # a pid nobody uses now
+    tmp = tempfile.gettempdir()
+    stale = tempfile.mkdtemp(prefix='mitogen-warm-%d-' % dead.pid, dir=tmp)
+    with open(os.path.join(stale, 'modlib.zip'), 'wb') as f:
+        f.write(b'left behind')
+    alive = tempfile.mkdtemp(prefix='mitogen-warm-%d-' % os.getpid(), dir=tmp)
+    try:
+        run_module(fresh_agent, payloads['ping'])
+        assert not os.path.exists(stale)
+        assert os.path.isdir(alive)      # its agent (here: this process) lives
+        parents, _ = warm_state(fresh_agent)
+        agent_pid = fresh_agent.call(os.getpid)
+        assert os.path.basename(parents[0]['directory']).startswith(
+            'mitogen-warm-%d-' % agent_pid)
+    finally:
+        os.rmdir(alive)
+
+
 def test_warm_parents_end_with_the_agent(payloads):
     broker = mitogen_native.master.Broker()
     router = mitogen_native.master.Router(broker)
