@@ -104,6 +104,13 @@ def _install_log_bridge():
         logger.setLevel(logging.WARNING)
 
 
+def _warm_modules():
+    """False if MITOGEN_NATIVE_WARM_MODULES=0: forked module runs then import
+    everything themselves instead of using a warm fork parent (for
+    troubleshooting and for measuring what warm parents save)."""
+    return os.environ.get('MITOGEN_NATIVE_WARM_MODULES', '1').strip() != '0'
+
+
 class ConnectionMixin(object):
     """What both plugins share: contexts from the backend, command execution,
     become as a context, failure mapping."""
@@ -361,7 +368,8 @@ class ConnectionMixin(object):
         term = os.environ.get('TERM') if use_tty else None
         rc, stdout, stderr = self._call(ctx, mitogen_native_target.exec_command, cmd,
                                         in_data, use_tty, self._fork_ok(), _plain(cwd),
-                                        _plain(become_shell or shell), _plain(term))
+                                        _plain(become_shell or shell), _plain(term),
+                                        _warm_modules())
         return rc, stdout, stderr
 
 

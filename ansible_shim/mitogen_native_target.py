@@ -18,6 +18,10 @@ stock ssh plugin gives: the exit status, and stdout and stderr as exact bytes.
   interpreter this agent runs on, the payload runs in a fork of this warm agent
   instead of a new interpreter (:func:`_run_forked`): same argv, stdin,
   environment, exit status and output, without the interpreter's start-up.
+  An AnsiballZ payload runs in a fork of a *warm fork parent* instead, a
+  child of this agent that imported the payload's ``ansible.module_utils.basic``
+  (and what it imports) once (:class:`_WarmParent`), so a module run does not
+  import and compile them again.
 """
 
 import errno
@@ -26,6 +30,7 @@ import select
 import signal
 import subprocess
 import sys
+import _thread
 
 #: Shells whose ``-c BODY`` the pipelined-command parser looks into.
 _SHELLS = ('sh', 'bash', 'dash', 'ash', 'ksh', 'zsh')
@@ -39,7 +44,7 @@ _READ_SIZE = 65536
 
 
 def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
-                 shell=None, term=None):
+                 shell=None, term=None, warm_ok=True):
     """Run `cmd` (text) as the stock ssh plugin would on this host and return
     ``(rc, stdout, stderr)`` with stdout and stderr as bytes.
 
@@ -54,6 +59,9 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
     :param shell: the shell that parses `cmd` (default: the user's login
         shell, as sshd uses).
     :param term: TERM for a command under a terminal (sshd sets the client's).
+    :param warm_ok: with `fork_ok`, allow an AnsiballZ payload to run in a
+        fork of a warm fork parent (its module_utils imported already) rather
+        than of the agent itself.
     """
     if isinstance(cmd, bytes):
         cmd = cmd.decode('utf-8', 'surrogateescape')
@@ -69,7 +77,7 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
                 # bash exports the path of the program it runs as $_.
                 env_updates = dict(env_updates)
                 env_updates.setdefault('_', first)
-            result = _run_forked(python, env_updates, in_data, cwd, via_shell)
+            result = _run_forked(python, env_updates, in_data, cwd, via_shell, warm_ok)
             if result is not None:
                 return result
     argv = [shell or _login_shell(), '-c', cmd]
@@ -317,11 +325,12 @@ def _resolve(program, path):
     return None
 
 
-def _run_forked(python, env_updates, in_data, cwd, via_shell='/bin/sh'):
+def _run_forked(python, env_updates, in_data, cwd, via_shell='/bin/sh', warm_ok=True):
     """Run the Python program `in_data` as ``PYTHON < in_data`` would, in a
-    fork of this process. Returns None (the caller then starts a real process)
-    when PYTHON is not this interpreter or the environment changes something
-    only a fresh interpreter can apply."""
+    fork of this process, or of a warm fork parent when `in_data` is an
+    AnsiballZ payload (:func:`_warm_parent_for`). Returns None (the caller
+    then starts a real process) when PYTHON is not this interpreter or the
+    environment changes something only a fresh interpreter can apply."""
     env = dict(os.environ)
     env.update(env_updates)
     if via_shell:
@@ -341,15 +350,39 @@ def _run_forked(python, env_updates, in_data, cwd, via_shell='/bin/sh'):
         if stream is None:
             return None
 
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    in_r, in_w = os.pipe()
-    os.close(in_w)    # the interpreter read its program from stdin: stdin is at EOF
+    waited = None
+    if warm_ok:
+        parent = _warm_parent_for(in_data, env)
+        if parent is not None:
+            waited = parent.run(exe, env, in_data, cwd)
+    if waited is None:
+        waited = _cold_fork(exe, env, in_data, cwd)
+    stdout, stderr, wstatus = waited
+    if os.WIFSIGNALED(wstatus):
+        sig = os.WTERMSIG(wstatus)
+        rc = 128 + sig
+        if via_shell:
+            stderr += _shell_signal_note(via_shell, sig, os.WCOREDUMP(wstatus))
+    else:
+        rc = os.WEXITSTATUS(wstatus)
+    return rc, stdout, stderr
+
+
+def _flush_std_streams():
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:
             pass
+
+
+def _cold_fork(exe, env, in_data, cwd):
+    """Run the program in a fork of this agent: (stdout, stderr, wait status)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.close(in_w)    # the interpreter read its program from stdin: stdin is at EOF
+    _flush_std_streams()
     pid = os.fork()
     if pid == 0:
         # Never return into the agent from here, whatever happens.
@@ -365,14 +398,7 @@ def _run_forked(python, env_updates, in_data, cwd, via_shell='/bin/sh'):
         os.close(fd)
     stdout, stderr = _drain(out_r, err_r)
     _, wstatus = _waitpid(pid)
-    if os.WIFSIGNALED(wstatus):
-        sig = os.WTERMSIG(wstatus)
-        rc = 128 + sig
-        if via_shell:
-            stderr += _shell_signal_note(via_shell, sig, os.WCOREDUMP(wstatus))
-    else:
-        rc = os.WEXITSTATUS(wstatus)
-    return rc, stdout, stderr
+    return stdout, stderr, wstatus
 
 
 def _shell_signal_note(shell, sig, core):
@@ -422,14 +448,18 @@ def _drain(out_r, err_r):
     return b''.join(chunks[out_r]), b''.join(chunks[err_r])
 
 
-def _close_other_fds():
+def _close_other_fds(keep=()):
     try:
         fds = [int(x) for x in os.listdir('/proc/self/fd')]
     except (OSError, ValueError):
-        os.closerange(3, 65536)
+        low = 3
+        for fd in sorted(keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 65536)
         return
     for fd in fds:
-        if fd > 2:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
@@ -493,9 +523,12 @@ def _std_streams():
     sys.stderr = sys.__stderr__ = text(2, 'w', like_err)
 
 
-def _child_main(exe, env, source, cwd):
+def _child_main(exe, env, source, cwd, warm=None):
     """In the fork: become ``EXE`` reading its program from stdin, run it,
-    return the exit status."""
+    return the exit status. `warm`: the :class:`_WarmImports` of the warm
+    fork parent this is a fork of, if any."""
+    old = [sys.modules.get('__main__'), sys.argv, sys.stdin, sys.stdout, sys.stderr,
+           sys.__stdin__, sys.__stdout__, sys.__stderr__]
     _close_other_fds()
     _reset_signals()
     if cwd:
@@ -517,6 +550,10 @@ def _child_main(exe, env, source, cwd):
     main.__loader__ = None
     main.__spec__ = None
     sys.modules['__main__'] = main
+    if warm is not None:
+        new = [main, sys.argv, sys.stdin, sys.stdout, sys.stderr,
+               sys.__stdin__, sys.__stdout__, sys.__stderr__]
+        warm.adopt(dict((id(o), n) for o, n in zip(old, new) if o is not None))
     status = 0
     try:
         code = compile(source, '<stdin>', 'exec', dont_inherit=True)
@@ -569,3 +606,853 @@ def _finish(status):
         except BaseException:
             status = status or 120
     return status
+
+
+# ---------------------------------------------------------------------------
+# Warm fork parents: AnsiballZ module runs that do not import module_utils.
+#
+# Every AnsiballZ payload carries a zip of the module and the module_utils it
+# needs, and its wrapper imports ``ansible.module_utils.basic`` from it before
+# the module: most of a module run's time on a warm agent (zipimport compiles
+# every file from source). A warm fork parent is a child of this agent that
+# imported those modules once, from a copy of one payload's zip kept in a
+# private directory (mkdtemp: mode 0700), and then forks once per module run.
+# A payload may use a warm parent only if it would have imported the very same
+# code: every zip entry the warm import read (and every one it looked for and
+# did not find) must be byte-identical in (or equally absent from) the new
+# payload, no new top-level name of the payload may shadow a module the parent
+# holds, and every environment variable the import read must have the same
+# value. Anything else forks this agent as before (a "cold" fork). In the fork,
+# the warm packages' __path__ point at the new payload's zip (once the wrapper
+# has put it on sys.path), so what is not warm comes from the new payload.
+# Between runs a warm parent compiles the payload's other files, and its forks
+# take that code instead of compiling the same source (_CodeCache).
+#
+# The parent is a separate process rather than this agent so that the agent's
+# own interpreter never holds `ansible` (a call into the agent that imports
+# ansible gets its own), and forks come from a small single-threaded process.
+
+_ANSIBALLZ_MARK = b'_ANSIBALLZ_WRAPPER = True'
+_ZIPDATA_OPEN = b'ZIPDATA = """'
+_BASIC_ENTRY = 'ansible/module_utils/basic.py'
+#: What a warm parent imports from its payload (with all they import): the
+#: AnsiballZ wrapper imports it before every module.
+_WARM_IMPORTS = ('ansible.module_utils.basic',)
+#: Standard-library modules the AnsiballZ wrapper imports before it puts its
+#: zip on sys.path (so no payload can shadow them).
+_WARM_STDLIB = ('base64', 'runpy', 'shutil', 'tempfile', 'zipfile')
+_MAX_WARM_PARENTS = 3
+#: Seconds a warm parent may take to import; then it is given up.
+_WARM_START_TIMEOUT = 120
+_MAX_PAYLOADS = 16
+
+_warm_lock = _thread.allocate_lock()
+_warm_parents = []       # _WarmParent, most recently used first
+_payloads = []           # (key, digests, tops), most recently used first
+_warm_failed = {}        # payload key -> why its warm import failed
+_zombies = []            # pids of retired warm parents, not reaped yet
+_warm_errors = []        # the last few unexpected errors (warm_parents())
+
+
+def warm_parents():
+    """This agent's warm fork parents, most recently used first, as dicts
+    (``pid``, ``directory``, ``zip``, ``modules``, ``uses``, ``compiled``,
+    ``env_reads``), then one more dict saying why warm imports failed or were
+    refused (``failed``) and the last unexpected errors (``errors``). For
+    tests and troubleshooting."""
+    out = []
+    for p in _warm_parents:
+        out.append({'pid': p.pid, 'directory': p.directory, 'zip': p.zip_path,
+                    'modules': list(p.modules), 'uses': p.uses, 'compiled': p.compiled,
+                    'env_reads': dict(p.env_reads or {})})
+    out.append({'failed': sorted(_warm_failed.values()), 'errors': list(_warm_errors)})
+    return out
+
+
+def stop_warm_parents():
+    """End every warm fork parent of this agent; returns how many there were."""
+    with _warm_lock:
+        parents = list(_warm_parents)
+        for p in parents:
+            p.retire()
+        _reap_zombies()
+    return len(parents)
+
+
+def _note_error(text):
+    _warm_errors.append(text)
+    del _warm_errors[:-5]
+
+
+def _ansiballz_payload(source):
+    """(key, {zip entry: digest}, top-level names, base64 text) of an
+    AnsiballZ program, or None. Digests cover the compression method and the
+    stored bytes: equal digests mean byte-identical content."""
+    if _ANSIBALLZ_MARK not in source[:4096]:
+        return None
+    start = source.find(_ZIPDATA_OPEN)
+    if start < 0:
+        return None
+    start += len(_ZIPDATA_OPEN)
+    end = source.find(b'"""', start)
+    if end < 0:
+        return None
+    import hashlib
+    b64 = source[start:end]
+    key = hashlib.sha256(b64).digest()
+    for n, item in enumerate(_payloads):
+        if item[0] == key:
+            if n:
+                del _payloads[n]
+                _payloads.insert(0, item)
+            return item + (b64,)
+    import binascii
+    try:
+        digests = _zip_digests(binascii.a2b_base64(b64))
+    except Exception as e:    # not a zip we understand: no warm parent
+        _note_error('payload zip: %s: %s' % (type(e).__name__, e))
+        return None
+    tops = frozenset(_top_name(name) for name in digests)
+    item = (key, digests, tops)
+    _payloads.insert(0, item)
+    del _payloads[_MAX_PAYLOADS:]
+    return item + (b64,)
+
+
+def _top_name(entry):
+    first = entry.split('/', 1)[0]
+    if '/' not in entry:
+        first = first.split('.', 1)[0]    # a top-level module file
+    return first
+
+
+def _zip_digests(data):
+    import hashlib
+    import io
+    import struct
+    import zipfile
+    out = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        for info in zf.infolist():
+            offset = info.header_offset
+            header = data[offset:offset + 30]
+            if len(header) != 30 or header[:4] != b'PK\x03\x04':
+                raise ValueError('bad local header for %s' % (info.filename,))
+            name_len, extra_len = struct.unpack('<HH', header[26:30])
+            begin = offset + 30 + name_len + extra_len
+            stored = data[begin:begin + info.compress_size]
+            if len(stored) != info.compress_size:
+                raise ValueError('truncated entry %s' % (info.filename,))
+            h = hashlib.sha256(b'%d:%d:' % (info.compress_type, info.flag_bits & 1))
+            h.update(stored)
+            out[info.filename] = h.hexdigest()
+    return out
+
+
+def _warm_parent_for(source, env):
+    """The warm fork parent that may run the AnsiballZ program `source` with
+    environment `env` (started now if no parent holds this payload's code),
+    or None: then the program runs in a fork of the agent."""
+    if not _warm_lock.acquire(False):
+        return None
+    try:
+        _reap_zombies()
+        payload = _ansiballz_payload(source)
+        if payload is None:
+            return None
+        key, digests, tops, b64 = payload
+        for p in list(_warm_parents):
+            if not p.alive():
+                p.retire()
+            elif p.holds(digests, tops):
+                if not p.env_ok(env):
+                    return None   # the same code, imported under other values
+                _warm_parents.remove(p)
+                _warm_parents.insert(0, p)
+                return p
+        if _BASIC_ENTRY not in digests or key in _warm_failed:
+            return None
+        p = _WarmParent.start(key, b64, digests, env)
+        if p is None:
+            return None
+        _warm_parents.insert(0, p)
+        for old in _warm_parents[_MAX_WARM_PARENTS:]:
+            old.retire()
+        return p
+    except Exception as e:
+        _note_error('%s: %s' % (type(e).__name__, e))
+        return None
+    finally:
+        _warm_lock.release()
+
+
+def _reap_zombies():
+    for pid in list(_zombies):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _zombies.remove(pid)
+
+
+#: Warm parents' directories: PREFIX + the agent's pid + '-' + random.
+_DIR_PREFIX = 'mitogen-warm-'
+
+
+def _remove_stale_directories(tmp):
+    """Remove the directories of warm parents whose agent is gone: a warm
+    parent removes its own when it exits, but not when it is killed
+    (SIGKILL to a whole process tree, a crash)."""
+    import stat
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_DIR_PREFIX):
+            continue
+        pid = name[len(_DIR_PREFIX):].split('-', 1)[0]
+        if not pid.isdigit():
+            continue
+        path = os.path.join(tmp, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue            # its agent lives
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue            # someone's process: not ours to judge
+        _remove_tree(path)
+
+
+def _remove_tree(directory):
+    """Remove the warm parent's directory (only files: the zip)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
+
+
+class _WarmParent(object):
+    """The agent's handle on one warm fork parent (a child process)."""
+
+    def __init__(self, pid, sock, directory, zip_path, requires, tops, loaded_tops,
+                 env_reads, env_all, modules):
+        self.pid = pid
+        self.sock = sock
+        self.directory = directory
+        self.zip_path = zip_path
+        self.requires = requires         # zip entry -> digest, None: must be absent
+        self.tops = tops                 # top-level names of its payload
+        self.loaded_tops = loaded_tops   # top-level names of its sys.modules
+        self.env_reads = env_reads       # name -> value (None: unset) read by the import
+        self.env_all = env_all           # the whole environment, if the import read it all
+        self.modules = modules
+        self.uses = 0
+        self.compiled = 0        # files its code cache held at the last run
+        self.lock = _thread.allocate_lock()
+        self.reaped = False      # its exit status was collected
+        self.retired = False     # its socket was closed
+
+    @classmethod
+    def start(cls, key, b64, digests, env):
+        import binascii
+        import socket
+        import tempfile
+        data = binascii.a2b_base64(b64)
+        _remove_stale_directories(tempfile.gettempdir())
+        directory = tempfile.mkdtemp(prefix='%s%d-' % (_DIR_PREFIX, os.getpid()))
+        zip_path = os.path.join(directory, 'modlib.zip')
+        fd = os.open(zip_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        ours, theirs = socket.socketpair()
+        _flush_std_streams()
+        pid = os.fork()
+        if pid == 0:
+            status = 70
+            try:
+                # Socket objects whose descriptors the parent closes must
+                # never close a reused number later.
+                ours.detach()
+                for other in _warm_parents:
+                    other.sock.detach()
+                status = _warm_server(theirs, zip_path, directory, env)
+            finally:
+                os._exit(status)
+        theirs.close()
+        try:
+            ours.settimeout(_WARM_START_TIMEOUT)
+            hello, _ = _recv_msg(ours)
+            ours.settimeout(None)
+        except (OSError, EOFError, ValueError, TypeError) as e:
+            hello = ('failed', 'no answer from the warm parent: %s' % (e,))
+        if hello[0] != 'ready':
+            ours.close()
+            if hello[1].startswith('no answer'):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            _waitpid(pid)
+            _remove_tree(directory)
+            _warm_failed[key] = str(hello[1])
+            while len(_warm_failed) > _MAX_PAYLOADS:
+                del _warm_failed[next(iter(_warm_failed))]
+            return None
+        _, required, loaded_tops, env_reads, env_all, modules = hello
+        requires = dict((name, digests.get(name)) for name in required)
+        tops = frozenset(_top_name(name) for name in digests)
+        return cls(pid, ours, directory, zip_path, requires, tops, frozenset(loaded_tops),
+                   env_reads, env_all, modules)
+
+    def holds(self, digests, tops):
+        """True if a payload with these entries would import, from its own
+        zip, exactly the code this parent imported."""
+        for name, digest in self.requires.items():
+            if digests.get(name) != digest:
+                return False
+        for top in tops - self.tops:
+            if top in self.loaded_tops:
+                return False      # the payload would shadow a module we hold
+        return True
+
+    def env_ok(self, env):
+        if self.env_all is not None:
+            return env == self.env_all
+        for name, value in self.env_reads.items():
+            if env.get(name) != value:
+                return False
+        return True
+
+    def alive(self):
+        if not self.reaped:
+            try:
+                done, _ = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                done = self.pid
+            self.reaped = bool(done)
+        return not self.reaped and not self.retired
+
+    def retire(self):
+        """Let the parent go: it exits at end of file on its socket and
+        removes its directory (which we remove if it is gone already)."""
+        if self in _warm_parents:
+            _warm_parents.remove(self)
+        if not self.retired:
+            self.retired = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self.alive()
+            if not self.reaped:
+                _zombies.append(self.pid)
+        if self.reaped:
+            _remove_tree(self.directory)
+
+    def run(self, exe, env, source, cwd):
+        """Run `source` in a fork of this parent: (stdout, stderr, wait
+        status), or None if it could not be started (nothing ran)."""
+        if not self.lock.acquire(False):
+            return None
+        try:
+            return self._run(exe, env, source, cwd)
+        finally:
+            self.lock.release()
+
+    def _run(self, exe, env, source, cwd):
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            try:
+                _send_msg(self.sock, (exe, env, cwd, source), (out_w, err_w))
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            reply, _ = _recv_msg(self.sock)
+        except (OSError, EOFError, ValueError, TypeError) as e:
+            reply = ('failed', str(e))
+        if reply[0] == 'started':
+            self.compiled = reply[2]
+        else:
+            os.close(out_r)
+            os.close(err_r)
+            _note_error('warm parent %d: %s' % (self.pid, reply[1]))
+            with _warm_lock:
+                self.retire()
+            return None
+        stdout, stderr = _drain(out_r, err_r)
+        try:
+            reply, _ = _recv_msg(self.sock)
+        except (OSError, EOFError, ValueError, TypeError) as e:
+            reply = ('failed', str(e))
+        if reply[0] != 'exited':
+            with _warm_lock:
+                self.retire()
+            stderr += (b'mitogen-native: the warm fork parent of this module died '
+                       b'while it ran; its exit status is unknown\n')
+            return stdout, stderr, 255 << 8
+        self.uses += 1
+        return stdout, stderr, reply[1]
+
+
+# -- the wire between the agent and a warm parent: a length, then marshal ----
+
+def _send_msg(sock, obj, fds=()):
+    import array
+    import marshal
+    import socket
+    import struct
+    body = marshal.dumps(obj)
+    head = struct.pack('>I', len(body))
+    if fds:
+        sock.sendmsg([head], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                               array.array('i', fds).tobytes())])
+    else:
+        sock.sendall(head)
+    sock.sendall(body)
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError('end of file')
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_msg(sock, nfds=0):
+    """(object, [received descriptors]); EOFError at end of file."""
+    import array
+    import marshal
+    import socket
+    import struct
+    fds = []
+    if nfds:
+        data, ancillary, _, _ = sock.recvmsg(4, socket.CMSG_SPACE(nfds * 4))
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array('i')
+                a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
+    else:
+        data = sock.recv(4)
+    try:
+        if not data:
+            raise EOFError('end of file')
+        data += _recv_exact(sock, 4 - len(data))
+        body = _recv_exact(sock, struct.unpack('>I', data)[0])
+        return marshal.loads(body), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+# -- inside a warm parent -----------------------------------------------------
+
+def _warm_server(sock, zip_path, directory, env):
+    """The warm parent's life: import, say what was imported, then fork once
+    per request until the agent closes the socket (or dies)."""
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            if null != fd:
+                os.dup2(null, fd)
+        _close_other_fds(keep=(sock.fileno(),))
+        _reset_signals()
+        _forget_agent()
+        import atexit
+        atexit._clear()
+        ok, info = _warm_import(zip_path, env)
+        if not ok:
+            _send_msg(sock, ('failed', info))
+            return 0
+        required, loaded_tops, env_reads, env_all, imported = info
+        _send_msg(sock, ('ready', required, loaded_tops, env_reads, env_all,
+                         sorted(imported)))
+        warm = _WarmImports(zip_path, imported)
+        while True:
+            try:
+                request, fds = _recv_msg(sock, 2)
+            except EOFError:
+                return 0
+            _serve_request(sock, request, fds, warm)
+            if len(request) == 4:
+                # While the agent reads the result: compile what the next
+                # run of this module will need.
+                warm.codes.learn(request[3])
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return 0
+    finally:
+        _remove_tree(directory)
+
+
+def _serve_request(sock, request, fds, warm):
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        _send_msg(sock, ('failed', 'expected 2 descriptors, got %d' % len(fds)))
+        return
+    exe, env, cwd, source = request
+    out_w, err_w = fds
+    pid = os.fork()
+    if pid == 0:
+        status = 70
+        try:
+            sock.detach()    # closed with the other descriptors
+            in_r, in_w = os.pipe()
+            os.close(in_w)   # the interpreter read its program from stdin: at EOF
+            os.dup2(in_r, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            status = _child_main(exe, env, source, cwd, warm)
+        finally:
+            os._exit(status)
+    os.close(out_w)
+    os.close(err_w)
+    _send_msg(sock, ('started', pid, len(warm.codes.codes)))
+    _, wstatus = _waitpid(pid)
+    _send_msg(sock, ('exited', wstatus))
+
+
+class _ImportRecorder(object):
+    """A meta path finder that only notes which names were looked for."""
+
+    def __init__(self):
+        self.names = []
+
+    def find_spec(self, name, path=None, target=None):
+        self.names.append(name)
+        return None
+
+
+def _recording_environ(base, reads, flags):
+    """A subclass of os.environ's class that notes what is read or written."""
+    class RecordingEnviron(base):
+        def __getitem__(self, key):
+            reads.add(key)
+            return base.__getitem__(self, key)
+
+        def __iter__(self):
+            flags['all'] = True
+            return base.__iter__(self)
+
+        def __setitem__(self, key, value):
+            flags['wrote'] = True
+            return base.__setitem__(self, key, value)
+
+        def __delitem__(self, key):
+            flags['wrote'] = True
+            return base.__delitem__(self, key)
+    return RecordingEnviron
+
+
+def _candidates(name):
+    """The zip entries that could provide module `name`."""
+    path = name.replace('.', '/')
+    return (path + '.py', path + '.pyc', path + '/__init__.py',
+            path + '/__init__.pyc', path + '/')
+
+
+def _warm_import(zip_path, env):
+    """Import _WARM_IMPORTS from the zip at `zip_path` as the AnsiballZ wrapper
+    would (zip first on sys.path, argv [''], a fresh __main__, the program's
+    environment), then put sys.path and the environment back.
+    Returns (True, (entries the import depends on, top-level names loaded,
+    environment read, whole environment if it was all read, {name: module
+    from the zip})) or (False, why)."""
+    import builtins
+    for name in _WARM_STDLIB:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    import zipfile
+    with zipfile.ZipFile(zip_path) as zf:
+        tops = set(_top_name(n) for n in zf.namelist())
+    held = sorted(t for t in tops if t in sys.modules)
+    if held:
+        return False, 'the payload would shadow modules already loaded: %s' % (
+            ', '.join(held),)
+    before = set(sys.modules)
+    saved_env = dict(os.environ)
+    saved_path = list(sys.path)
+    recorder = _ImportRecorder()
+    reads = set()
+    flags = {}
+    environ_class = type(os.environ)
+    main = type(sys)('__main__')
+    main.__file__ = '<stdin>'
+    main.__builtins__ = builtins
+    main.__loader__ = None
+    main.__spec__ = None
+    error = None
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = ['']
+    sys.modules['__main__'] = main
+    sys.path[:] = [zip_path] + [p for p in saved_path if p not in ('', '.')]
+    sys.meta_path.insert(0, recorder)
+    # What the import prints (a warning, say) would be part of a fresh run's
+    # output, which no fork of ours would repeat: such a payload is not warmed.
+    capture_path = os.path.join(os.path.dirname(zip_path), 'import.out')
+    capture = os.open(capture_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.dup2(capture, 1)
+    os.dup2(capture, 2)
+    os.environ.__class__ = _recording_environ(environ_class, reads, flags)
+    try:
+        for name in _WARM_IMPORTS:
+            __import__(name)
+    except BaseException as e:
+        error = 'importing %s from the payload failed: %s: %s' % (
+            name, type(e).__name__, e)
+    finally:
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+        printed = os.lseek(capture, 0, os.SEEK_END)
+        os.close(capture)
+        os.unlink(capture_path)
+        os.environ.__class__ = environ_class
+        sys.meta_path.remove(recorder)
+        sys.path[:] = saved_path
+        os.environ.clear()
+        os.environ.update(saved_env)
+        # argv and __main__ stay: what the modules bound at import time are
+        # the objects each fork replaces (_WarmImports.adopt).
+    if error is None and flags.get('wrote'):
+        error = 'importing %s changed the environment' % (', '.join(_WARM_IMPORTS),)
+    if error is None and printed:
+        error = 'importing %s wrote %d bytes of output' % (', '.join(_WARM_IMPORTS), printed)
+    if error is not None:
+        return False, error
+    prefix = zip_path + os.sep
+    imported = {}
+    for name in set(sys.modules) - before:
+        module = sys.modules.get(name)
+        if (getattr(module, '__file__', None) or '').startswith(prefix):
+            imported[name] = module
+    required = set()
+    for name in list(recorder.names) + list(imported):
+        if name.split('.', 1)[0] in tops:
+            required.update(_candidates(name))
+    loaded_tops = sorted(set(n.split('.', 1)[0] for n in sys.modules))
+    if flags.get('all'):
+        return True, (sorted(required), loaded_tops, None, dict(env), imported)
+    env_reads = dict((k, env.get(k)) for k in reads if isinstance(k, str))
+    return True, (sorted(required), loaded_tops, env_reads, None, imported)
+
+
+class _WarmImports(object):
+    """In a warm parent: the modules it imported from its zip. In each fork,
+    :meth:`adopt` points them at what the fork replaced (its __main__, argv,
+    standard streams) and their packages' __path__ at the new payload."""
+
+    def __init__(self, zip_path, modules):
+        self.zip_path = zip_path
+        self.modules = modules
+        self.pristine = frozenset(p for p in sys.path if isinstance(p, str))
+        self.roots = {}
+        self.codes = _CodeCache(zip_path, modules)
+
+    def adopt(self, replaced):
+        for module in self.modules.values():
+            namespace = module.__dict__
+            for key, value in list(namespace.items()):
+                new = replaced.get(id(value))
+                if new is not None:
+                    namespace[key] = new
+        prefix = self.zip_path + os.sep
+        for module in self.modules.values():
+            path = getattr(module, '__path__', None)
+            if path is not None and any(isinstance(e, str) and e.startswith(prefix)
+                                        for e in path):
+                module.__path__ = _PayloadPath(module, path, self)
+
+    def root(self, top):
+        """The sys.path entry that provides package `top` in this fork (the
+        new payload's zip, once the wrapper put it there), or None."""
+        root = self.roots.get(top)
+        if root is None:
+            from importlib.machinery import PathFinder
+            for entry in sys.path:
+                if not isinstance(entry, str) or entry in self.pristine or \
+                        entry == self.zip_path:
+                    continue
+                try:
+                    spec = PathFinder.find_spec(top, [entry])
+                except Exception:
+                    spec = None
+                if spec is not None:
+                    root = self.roots[top] = entry
+                    break
+        return root
+
+    def translate(self, top, entries):
+        root = self.root(top)
+        if root is None:
+            return None
+        warm, prefix = self.zip_path, self.zip_path + os.sep
+        return [root + e[len(warm):] if isinstance(e, str) and (e == warm or e.startswith(prefix))
+                else e for e in entries]
+
+
+class _CodeCache(object):
+    """Compiled code of the payload files a warm parent did not import (the
+    module itself, other module_utils), keyed by the SHA-256 of their source,
+    so that a fork compiles only what no earlier payload had (zipimport
+    compiles every file from source otherwise: most of a small module's run).
+    The parent compiles after a run, between requests; a fork's zipimport
+    takes the cached code, with its file name set to the path it would have
+    compiled it under. Python 3.8+ (zipimport in Python, code.replace)."""
+
+    MAX_ENTRIES = 512
+    BUDGET = 0.1     # seconds of compiling after one run
+
+    def __init__(self, zip_path, modules):
+        self.codes = {}
+        self.learned = set()        # payload keys whose files were all seen
+        self.skip = set()           # digests not to compile (warm, or bad source)
+        self.compile = None
+        import zipimport
+        original = getattr(zipimport, '_compile_source', None)
+        if original is None or not hasattr(type(_CodeCache.__init__.__code__), 'replace'):
+            return
+        import hashlib
+        import zipfile
+        prefix = zip_path + os.sep
+        with zipfile.ZipFile(zip_path) as zf:
+            for module in modules.values():   # never compiled again in a fork
+                entry = module.__file__[len(prefix):].replace(os.sep, '/')
+                try:
+                    self.skip.add(hashlib.sha256(zf.read(entry)).digest())
+                except KeyError:
+                    pass
+        self.compile = original
+        codes = self.codes
+
+        def _compile_source(pathname, source):
+            code = codes.get(hashlib.sha256(source).digest())
+            if code is None:
+                return original(pathname, source)
+            return _renamed(code, pathname)
+        zipimport._compile_source = _compile_source
+
+    def learn(self, source):
+        if self.compile is None or _ANSIBALLZ_MARK not in source[:4096]:
+            return
+        start = source.find(_ZIPDATA_OPEN)
+        end = source.find(b'"""', start + len(_ZIPDATA_OPEN)) if start >= 0 else -1
+        if end < 0:
+            return
+        import binascii
+        import hashlib
+        import io
+        import zipfile
+        b64 = source[start + len(_ZIPDATA_OPEN):end]
+        key = hashlib.sha256(b64).digest()
+        if key in self.learned:
+            return
+        try:
+            zf = zipfile.ZipFile(io.BytesIO(binascii.a2b_base64(b64)))
+            names = [n for n in zf.namelist() if n.endswith('.py')]
+        except Exception:
+            self.learned.add(key)
+            return
+        # A request that comes meanwhile waits at most BUDGET: compiling here
+        # is work the next fork of this module would do anyway.
+        import time
+        deadline = time.monotonic() + self.BUDGET
+        for name in names:
+            data = zf.read(name)
+            digest = hashlib.sha256(data).digest()
+            if digest in self.codes or digest in self.skip:
+                continue
+            if time.monotonic() > deadline:
+                return          # the rest after the next run
+            try:
+                self.codes[digest] = self.compile('<warm>', data)
+            except Exception:
+                self.skip.add(digest)   # the run that imports it reports the error
+            while len(self.codes) > self.MAX_ENTRIES:
+                del self.codes[next(iter(self.codes))]
+        self.learned.add(key)
+
+
+def _renamed(code, filename):
+    """`code` (and the code objects nested in it) as compiled under `filename`."""
+    consts = tuple(_renamed(c, filename) if isinstance(c, type(code)) else c
+                   for c in code.co_consts)
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+class _PayloadPath(list):
+    """A warm package's __path__ in a fork of the warm parent: on first use
+    (the AnsiballZ wrapper puts its zip on sys.path only when it runs), the
+    warm zip's locations are replaced by the new payload's, and the package's
+    __path__ becomes that plain list."""
+
+    def __init__(self, module, entries, warm):
+        list.__init__(self, entries)
+        self._module = module
+        self._warm = warm
+        self._done = False
+
+    def _resolve(self):
+        if not self._done:
+            top = self._module.__name__.split('.', 1)[0]
+            new = self._warm.translate(top, list.__iter__(self))
+            if new is not None:
+                self._done = True
+                list.__setitem__(self, slice(None), new)
+                self._module.__path__ = new
+                spec = getattr(self._module, '__spec__', None)
+                locations = getattr(spec, 'submodule_search_locations', None)
+                if locations is not None:
+                    spec.submodule_search_locations = self._warm.translate(top, locations)
+        return self
+
+    def __iter__(self):
+        return list.__iter__(self._resolve())
+
+    def __len__(self):
+        return list.__len__(self._resolve())
+
+    def __getitem__(self, index):
+        return list.__getitem__(self._resolve(), index)
+
+    def __contains__(self, item):
+        return list.__contains__(self._resolve(), item)
+
+    def __repr__(self):
+        return list.__repr__(self._resolve())

@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """The world the Ansible comparisons run in (root only, as CI runs):
 
-    ansible_env.py start DIR    -> prints one JSON object (see start())
+    ansible_env.py start DIR [N]  -> prints one JSON object (see start())
     ansible_env.py stop DIR
 
-* one throw-away sshd listening on 127.0.0.1 to 127.0.0.4 (one free port),
+* one throw-away sshd listening on 127.0.0.1 to 127.0.0.4 (or to 127.0.0.N:
+  the benchmark's 10 hosts), on one free port,
   letting in `mitogen-test` (tests/core/ssh/sshd_fixture.py's user) by key or
   password;
 * a known_hosts file with the host key for every address, another with a wrong
@@ -45,12 +46,12 @@ def run(*argv, **kw):
     return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
-def free_port():
+def free_port(addresses=ADDRESSES):
     """A port free on every address we listen on."""
     for _ in range(50):
         port = sshd_fixture.free_port()
         ok = True
-        for a in ADDRESSES:
+        for a in addresses:
             s = socket.socket()
             try:
                 s.bind((a, port))
@@ -60,7 +61,7 @@ def free_port():
                 s.close()
         if ok:
             return port
-    raise RuntimeError('no port free on all of %s' % ADDRESSES)
+    raise RuntimeError('no port free on all of %s' % addresses)
 
 
 def ensure_nopw_user():
@@ -92,7 +93,8 @@ def build_collection(d):
     return tarball, cols
 
 
-def start(d):
+def start(d, count=len(ADDRESSES)):
+    addresses = ['127.0.0.%d' % i for i in range(1, count + 1)]
     if os.geteuid() != 0:
         sys.exit('ansible_env: needs root (sshd, users, sudoers)')
     become_fixture.ensure_users()
@@ -113,11 +115,11 @@ def start(d):
     with open(auth, 'w') as f:
         f.write(' '.join(user_pub) + '\n')
     os.chmod(auth, 0o644)
-    port = free_port()
+    port = free_port(addresses)
     known = os.path.join(d, 'known_hosts')
     wrong = os.path.join(d, 'wrong_known_hosts')
     with open(known, 'w') as f, open(wrong, 'w') as g:
-        for a in ADDRESSES:
+        for a in addresses:
             f.write('[%s]:%d %s\n' % (a, port, ' '.join(host_pub)))
             g.write('[%s]:%d %s\n' % (a, port, ' '.join(other_pub)))
     # A copy of the user key that mitogen-test can read: a ProxyJump hop runs
@@ -138,7 +140,7 @@ def start(d):
         os.chmod(p, 0o600)
     conf = os.path.join(d, 'sshd_config')
     with open(conf, 'w') as f:
-        f.write('\n'.join(['ListenAddress %s' % a for a in ADDRESSES] + [
+        f.write('\n'.join(['ListenAddress %s' % a for a in addresses] + [
             'Port %d' % port,
             'HostKey %s' % host_key,
             'PidFile %s' % os.path.join(d, 'sshd.pid'),
@@ -167,7 +169,7 @@ def start(d):
     with open(os.path.join(d, 'fixture.pid'), 'w') as f:
         f.write(str(proc.pid))
     deadline = time.time() + 10
-    for a in ADDRESSES:
+    for a in addresses:
         while True:
             if proc.poll() is not None:
                 sys.exit('ansible_env: sshd exited: %s' % open(log).read())
@@ -180,7 +182,7 @@ def start(d):
                 time.sleep(0.02)
     tarball, cols = build_collection(d)
     info = {
-        'dir': d, 'addresses': ADDRESSES, 'port': port, 'pid': proc.pid,
+        'dir': d, 'addresses': addresses, 'port': port, 'pid': proc.pid,
         'user': sshd_fixture.USER, 'password': sshd_fixture.PASSWORD,
         'identity_file': user_key, 'stranger_key': stranger_key,
         'known_hosts': known, 'wrong_known_hosts': wrong,
@@ -202,8 +204,8 @@ def stop(d):
 
 
 if __name__ == '__main__':
-    if len(sys.argv) == 3 and sys.argv[1] == 'start':
-        start(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == 'start':
+        start(sys.argv[2], *[int(n) for n in sys.argv[3:]])
     elif len(sys.argv) == 3 and sys.argv[1] == 'stop':
         stop(sys.argv[2])
     else:

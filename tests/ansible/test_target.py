@@ -89,3 +89,381 @@ def test_pipelined_command_parser():
     for cmd in ('python3 -c 1', 'cd /tmp && python3', 'python3; rm x', 'python3 $X',
                 'X="$HOME" python3', 'python3 > out', "sh -c 'python3 | cat'"):
         assert p(cmd) is None, cmd
+
+
+# ---------------------------------------------------------------------------
+# Warm fork parents: AnsiballZ payloads (built here with Ansible's own
+# module_common, as a worker builds them) run in a fork of a process that
+# imported their module_utils already.
+
+import base64
+import io
+import json
+import re
+import time
+import zipfile
+
+LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'library')
+_PAYLOAD_PATH = re.compile(r'/[^\s"\']*?/ansible_\w+?_payload_\w+/ansible_\w+?_payload\.zip')
+_VOLATILE = ('start', 'end', 'delta', 'ppid', 'parent_is_agent')
+
+
+def ansiballz(name, args=None, path=None):
+    """The pipelined payload of module `name` (a builtin module, or the file
+    `path`), as the action plugin sends it."""
+    from ansible.executor.module_common import modify_module
+    from ansible.parsing.dataloader import DataLoader
+    from ansible.plugins.loader import module_loader
+    from ansible.template import Templar
+    path = path or module_loader.find_plugin(name, mod_type='.py')
+    data, style, _ = modify_module(name, path, dict(args or {}), Templar(DataLoader()),
+                                   task_vars={'ansible_python_interpreter': PY},
+                                   module_compression='ZIP_DEFLATED')
+    assert style == 'new', style
+    return data
+
+
+def rewrite_zip(payload, changes):
+    """`payload` with zip entries replaced, added (bytes) or removed (None)."""
+    start = payload.index(b'ZIPDATA = """') + len(b'ZIPDATA = """')
+    end = payload.index(b'"""', start)
+    zin = zipfile.ZipFile(io.BytesIO(base64.b64decode(payload[start:end])))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if info.filename not in changes:
+                zout.writestr(info, zin.read(info))
+        for name, content in changes.items():
+            if content is not None:
+                zout.writestr(name, content)
+    return payload[:start] + base64.b64encode(out.getvalue()) + payload[end:]
+
+
+def normalized(value, warm_zip=None):
+    """A module's result with what differs between two runs of the same
+    module replaced: its payload's temporary zip, the warm parent's copy."""
+    if isinstance(value, dict):
+        return dict((k, normalized(v, warm_zip)) for k, v in value.items() if k not in _VOLATILE)
+    if isinstance(value, list):
+        return [normalized(v, warm_zip) for v in value]
+    if isinstance(value, str):
+        value = _PAYLOAD_PATH.sub('<payload>', value)
+        if warm_zip:
+            value = value.replace(warm_zip, '<warm>')
+    return value
+
+
+def run_module(agent, payload, fork_ok=True, warm_ok=True, env=''):
+    cmd = "/bin/sh -c '%s%s && sleep 0'" % (env and env + ' ', PY)
+    rc, out, err = agent.call(target.exec_command, cmd, payload, False, fork_ok,
+                              None, None, None, warm_ok)
+    try:
+        result = json.loads(out)
+    except ValueError:
+        result = None
+    return rc, out, err, result
+
+
+def warm_state(agent):
+    *parents, diag = agent.call(target.warm_parents)
+    return parents, diag
+
+
+@pytest.fixture
+def fresh_agent():
+    """An agent of its own (warm parents start from nothing)."""
+    broker = mitogen_native.master.Broker()
+    router = mitogen_native.master.Router(broker)
+    ctx = router.local(python_path=[PY])
+    yield ctx
+    broker.shutdown()
+    broker.join()
+
+
+MODULES = {
+    'probe': dict(path=os.path.join(LIBRARY, 'probe.py')),
+    'probe fails': dict(path=os.path.join(LIBRARY, 'probe.py'),
+                        args={'exit_code': 3, 'stderr_text': 'problem\n'}),
+    'probe raises': dict(path=os.path.join(LIBRARY, 'probe.py'), args={'raise_error': True}),
+    'probe garbage': dict(path=os.path.join(LIBRARY, 'probe.py'),
+                          args={'stdout_garbage': 'not json'}),
+    'warm_probe': dict(path=os.path.join(LIBRARY, 'warm_probe.py')),
+    'command': dict(args={'_raw_params': "printf 'a\\nb'", '_uses_shell': False}),
+    'command fails': dict(args={'argv': ['ls', '/nonexistent-dir']}),
+    'stat': dict(args={'path': '/etc/hostname', 'get_checksum': True}),
+    'file': dict(args={'path': '/nonexistent-dir/x', 'state': 'absent'}),
+    'ping': dict(args={'data': 'warm'}),
+    'bad arguments': dict(path=None, args={'no_such_option': 1}),
+}
+
+
+@pytest.fixture(scope='module')
+def payloads():
+    out = {}
+    for key, spec in MODULES.items():
+        name = key.split()[0] if key != 'bad arguments' else 'ping'
+        out[key] = ansiballz(name, spec.get('args'), spec.get('path'))
+    return out
+
+
+@pytest.mark.parametrize('name', sorted(MODULES))
+def test_warm_run_is_a_fresh_interpreters_run(agent, payloads, name):
+    fresh = run_module(agent, payloads[name], fork_ok=False)
+    warm = run_module(agent, payloads[name])
+    parents, diag = warm_state(agent)
+    assert parents, diag
+    warm_zip = parents[0]['zip']
+    assert warm[0] == fresh[0], (warm, fresh)
+    if fresh[3] is None:       # not JSON: exact output, payload paths aside
+        assert normalized(warm[1].decode()) == normalized(fresh[1].decode())
+    else:
+        w, f = normalized(warm[3], warm_zip), normalized(fresh[3], warm_zip)
+        if name == 'warm_probe':
+            # The one difference, by design: basic.py is the warm parent's.
+            assert f.pop('basic_file') == '<payload>/ansible/module_utils/basic.py'
+            assert w.pop('basic_file') == '<warm>/ansible/module_utils/basic.py'
+        assert w == f
+    assert normalized(warm[2].decode()) == normalized(fresh[2].decode())
+
+
+def test_warm_parent_serves_every_module_with_the_same_code(fresh_agent, payloads):
+    agent = fresh_agent
+    assert warm_state(agent)[0] == []
+    results = []
+    for name in ('warm_probe', 'ping', 'command', 'warm_probe', 'stat'):
+        rc, out, err, result = run_module(agent, payloads[name])
+        assert result is not None, (out, err)
+        results.append(result)
+    parents, diag = warm_state(agent)
+    assert len(parents) == 1, (parents, diag)
+    parent = parents[0]
+    assert parent['uses'] == 5
+    assert 'ansible.module_utils.basic' in parent['modules']
+    # basic.py was imported once, by the warm parent: both probes use its copy
+    # and are its children.
+    for probe in (results[0], results[3]):
+        assert probe['basic_file'] == parent['zip'] + '/ansible/module_utils/basic.py'
+        assert probe['ppid'] == parent['pid']
+        # What basic does not import comes from the probe's own payload.
+        assert _PAYLOAD_PATH.match(probe['extra_file']), probe['extra_file']
+        assert _PAYLOAD_PATH.match(probe['module_file']), probe['module_file']
+        # (the rest of ansible.__path__ is compared with a fresh run above)
+        assert normalized(probe['ansible_path'][0]) == '<payload>/ansible', probe['ansible_path']
+        assert probe['basic_main_is_the_wrapper'] is True
+    # The private directory: the agent's user only, not /tmp itself.
+    st = os.stat(parent['directory'])     # the agent runs on this machine
+    assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.getuid()
+    assert os.path.dirname(parent['zip']) == parent['directory'] != '/tmp'
+
+
+def test_cached_code_runs_as_compiled_code(fresh_agent, payloads):
+    """After a run, the warm parent compiles the payload's other files; later
+    runs use that code: its tracebacks name the new payload's files and lines
+    exactly as a fresh interpreter's do."""
+    fresh = run_module(fresh_agent, payloads['probe raises'], fork_ok=False)
+    for _ in range(3):
+        warm = run_module(fresh_agent, payloads['probe raises'])
+        assert warm[0] == fresh[0] == 1
+        assert normalized(warm[2].decode()) == normalized(fresh[2].decode())
+        assert 'probe.py", line' in warm[2].decode()
+    parents, _ = warm_state(fresh_agent)
+    assert parents[0]['compiled'] >= 1     # probe.py at least
+
+
+def test_no_state_leaks_between_runs(fresh_agent, payloads):
+    mutate = ansiballz('warm_probe', {'mutate': True}, os.path.join(LIBRARY, 'warm_probe.py'))
+    first = run_module(fresh_agent, mutate)[3]
+    second = run_module(fresh_agent, payloads['warm_probe'])[3]
+    assert first['leaked'] is None and second['leaked'] is None, (first, second)
+    assert second['env_leak'] is None
+    assert first['basic_file'] == second['basic_file']    # the same warm parent
+
+
+def test_other_code_gets_another_warm_parent_or_none(fresh_agent, payloads):
+    agent = fresh_agent
+    base = run_module(agent, payloads['warm_probe'])[3]
+    # Another version of basic.py (another Ansible): never the first parent's code.
+    marked = rewrite_zip(payloads['warm_probe'], {
+        'ansible/module_utils/basic.py': _entry(payloads['warm_probe'],
+                                                'ansible/module_utils/basic.py')
+        + b'\nWARM_TEST_MARK = "other basic"\n'})
+    other = run_module(agent, marked)[3]
+    assert other['marker'] == 'other basic'
+    assert other['basic_file'] != base['basic_file']
+    parents, _ = warm_state(agent)
+    assert len(parents) == 2      # one per content
+    again = run_module(agent, payloads['warm_probe'])[3]
+    assert again['marker'] is None and again['basic_file'] == base['basic_file']
+    # A module_utils file that basic does not import differs: the same warm
+    # parent, and the module gets its own payload's version.
+    extra = 'ansible/module_utils/common/dict_transformations.py'
+    changed = rewrite_zip(payloads['warm_probe'], {
+        extra: _entry(payloads['warm_probe'], extra) + b'\nWARM_TEST_MARK = "own extra"\n'})
+    own = run_module(agent, changed)[3]
+    assert own['extra_marker'] == 'own extra' and own['basic_file'] == base['basic_file']
+    # A file that basic imports is missing from the payload: no warm parent
+    # may stand in for it (a fresh interpreter would not find it either).
+    missing = rewrite_zip(payloads['warm_probe'], {'ansible/module_utils/common/warnings.py': None})
+    rc_fresh, out_fresh, _, _ = run_module(agent, missing, fork_ok=False)
+    rc_warm, out_warm, _, _ = run_module(agent, missing)
+    assert (rc_warm, normalized(out_warm.decode())) == (rc_fresh, normalized(out_fresh.decode()))
+    assert rc_fresh != 0
+    _, diag = warm_state(agent)
+    assert any('warnings' in why for why in diag['failed']), diag
+
+
+@pytest.mark.parametrize('addition, why', [
+    (b'\nimport sys\nsys.stderr.write("basic says hello\\n")\n', 'wrote'),
+    (b'\nimport os\nos.environ["SET_BY_BASIC"] = "1"\n', 'changed the environment'),
+])
+def test_import_with_side_effects_is_not_warmed(fresh_agent, payloads, addition, why):
+    """A basic.py that prints or sets the environment when imported: a
+    fresh run shows it; a fork of a warm parent would not, so such code gets
+    no warm parent and each run imports it itself."""
+    payload = rewrite_zip(payloads['warm_probe'], {
+        'ansible/module_utils/basic.py': _entry(payloads['warm_probe'],
+                                                'ansible/module_utils/basic.py') + addition})
+    fresh = run_module(fresh_agent, payload, fork_ok=False)
+    warm = run_module(fresh_agent, payload)
+    assert warm[0] == fresh[0] == 0, warm
+    assert normalized(warm[2].decode()) == normalized(fresh[2].decode())
+    w, f = normalized(warm[3]), normalized(fresh[3])
+    assert w == f, (w, f)
+    parents, diag = warm_state(fresh_agent)
+    assert parents == [] and any(why in text for text in diag['failed']), diag
+
+
+def _entry(payload, name):
+    start = payload.index(b'ZIPDATA = """') + len(b'ZIPDATA = """')
+    end = payload.index(b'"""', start)
+    return zipfile.ZipFile(io.BytesIO(base64.b64decode(payload[start:end]))).read(name)
+
+
+def test_environment_read_at_import_is_honoured(fresh_agent, payloads):
+    agent = fresh_agent
+    base = run_module(agent, payloads['warm_probe'])[3]
+    parents, _ = warm_state(agent)
+    # distro reads UNIXCONFDIR when basic imports it: a run that sets it must
+    # not use code imported without it.
+    assert 'UNIXCONFDIR' in parents[0]['env_reads']
+    other = run_module(agent, payloads['warm_probe'], env='UNIXCONFDIR=/nonexistent')[3]
+    assert other['distro_confdir'] == '/nonexistent'
+    assert other['basic_file'] != base['basic_file']
+    # A variable the import did not read changes nothing.
+    same = run_module(agent, payloads['warm_probe'], env='MY_VAR=1')[3]
+    assert same['basic_file'] == base['basic_file']
+
+
+def _wait_for(predicate, what, timeout=30):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, 'timed out waiting for ' + what
+        time.sleep(0.05)
+
+
+def _gone(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().split(') ', 1)[1].startswith('Z')
+    except OSError:
+        return True
+
+
+def test_killed_warm_parent_is_replaced(fresh_agent, payloads):
+    agent = fresh_agent
+    first = run_module(agent, payloads['warm_probe'])[3]
+    parents, _ = warm_state(agent)
+    os.kill(parents[0]['pid'], 9)
+    _wait_for(lambda: _gone(parents[0]['pid']), 'the warm parent to die')
+    second = run_module(agent, payloads['warm_probe'])
+    assert second[0] == 0 and second[3]['leaked'] is None, second
+    new_parents, _ = warm_state(agent)
+    assert [p['pid'] for p in new_parents] != [parents[0]['pid']]
+    # Its directory was removed when it was found dead.
+    assert not os.path.exists(parents[0]['directory'])
+    assert first['basic_file'] != second[3]['basic_file']
+
+
+def test_directories_of_killed_parents_are_removed_later(fresh_agent, payloads):
+    """A warm parent killed with its agent (SIGKILL to a process tree) cannot
+    remove its directory: the next warm parent started as that user does."""
+    import subprocess
+    import tempfile
+    dead = subprocess.Popen(['true'])
+    dead.wait()                      # a pid nobody uses now
+    tmp = tempfile.gettempdir()
+    stale = tempfile.mkdtemp(prefix='mitogen-warm-%d-' % dead.pid, dir=tmp)
+    with open(os.path.join(stale, 'modlib.zip'), 'wb') as f:
+        f.write(b'left behind')
+    alive = tempfile.mkdtemp(prefix='mitogen-warm-%d-' % os.getpid(), dir=tmp)
+    try:
+        run_module(fresh_agent, payloads['ping'])
+        assert not os.path.exists(stale)
+        assert os.path.isdir(alive)      # its agent (here: this process) lives
+        parents, _ = warm_state(fresh_agent)
+        agent_pid = fresh_agent.call(os.getpid)
+        assert os.path.basename(parents[0]['directory']).startswith(
+            'mitogen-warm-%d-' % agent_pid)
+    finally:
+        os.rmdir(alive)
+
+
+def test_warm_parents_end_with_the_agent(payloads):
+    broker = mitogen_native.master.Broker()
+    router = mitogen_native.master.Router(broker)
+    agent = router.local(python_path=[PY])
+    try:
+        run_module(agent, payloads['ping'])
+        parents, _ = warm_state(agent)
+        assert len(parents) == 1
+        assert agent.call(target.stop_warm_parents) == 1
+        _wait_for(lambda: not os.path.exists(parents[0]['directory']),
+                  'the stopped parent to remove its directory')
+        run_module(agent, payloads['ping'])
+        parents, _ = warm_state(agent)
+    finally:
+        broker.shutdown()
+        broker.join()
+    # The agent is gone: its warm parent sees the end of its socket, exits
+    # and removes its directory.
+    _wait_for(lambda: not os.path.exists(parents[0]['directory']),
+              'the warm parent to remove its directory')
+    _wait_for(lambda: _gone(parents[0]['pid']), 'the warm parent to exit')
+
+
+def test_plain_programs_never_use_a_warm_parent(fresh_agent):
+    rc, out, _, = fresh_agent.call(target.exec_command, CMD, PROGRAMS['prints'], False, True)
+    assert (rc, out) == (0, b'out\n')
+    assert warm_state(fresh_agent)[0] == []
+
+
+def test_which_payloads_a_warm_parent_holds():
+    """The rule (no agent needed): every entry the warm import depended on is
+    the same or equally absent, no new top-level name shadows a loaded module,
+    and the environment the import read is the same."""
+    parent = target._WarmParent(
+        pid=0, sock=None, directory='/nonexistent', zip_path='/nonexistent/modlib.zip',
+        requires={'ansible/module_utils/basic.py': 'b1', 'ansible/module_utils/gone.py': None},
+        tops=frozenset(['ansible']), loaded_tops=frozenset(['ansible', 'json', 'os']),
+        env_reads={'UNIXCONFDIR': None, 'X': '1'}, env_all=None, modules=[])
+    same = {'ansible/module_utils/basic.py': 'b1', 'ansible/modules/ping.py': 'p'}
+    assert parent.holds(same, frozenset(['ansible']))
+    # A collection's files come on top: fine.
+    assert parent.holds(dict(same, **{'ansible_collections/ns/c/plugins/modules/m.py': 'm'}),
+                        frozenset(['ansible', 'ansible_collections']))
+    assert not parent.holds(dict(same, **{'ansible/module_utils/basic.py': 'b2'}),
+                            frozenset(['ansible']))
+    assert not parent.holds({'ansible/modules/ping.py': 'p'}, frozenset(['ansible']))
+    # A file the import looked for and did not find is now there.
+    assert not parent.holds(dict(same, **{'ansible/module_utils/gone.py': 'g'}),
+                            frozenset(['ansible']))
+    # A top-level json.py would shadow the json the parent imported.
+    assert not parent.holds(dict(same, **{'json.py': 'j'}), frozenset(['ansible', 'json']))
+    assert parent.env_ok({'X': '1', 'OTHER': 'y'})
+    assert not parent.env_ok({'X': '2'})
+    assert not parent.env_ok({'X': '1', 'UNIXCONFDIR': '/etc'})
+    everything = target._WarmParent(
+        pid=0, sock=None, directory='/nonexistent', zip_path='/nonexistent/modlib.zip',
+        requires={}, tops=frozenset(), loaded_tops=frozenset(), env_reads=None,
+        env_all={'A': '1'}, modules=[])
+    assert everything.env_ok({'A': '1'}) and not everything.env_ok({'A': '1', 'B': '2'})
