@@ -342,11 +342,25 @@ TEST_CASE("a missing remote interpreter fails with its stderr and exit status", 
   o.python_path = {"/nonexistent/python3"};
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
   CHECK(e.code() == errc::child_died);
-  // What the user needs: the remote shell's own words naming the missing program.
-  // The exit status ("status 127") follows the server's EOF and is in the message
-  // only when it arrived before the stream closed: a known race (about 1 run in 3
-  // on the 2-core VM; docs/ssh.md "Known limits"), so it is not asserted here.
+  // What the user needs: the remote shell's own words naming the missing program,
+  // and its exit status. The server sends the status after its end of file; the
+  // session holds the stream open until it has it (docs/ssh.md, "Failures").
   CHECK_THAT(e.what(), Catch::Contains("/nonexistent/python3") && Catch::Contains("No such file or directory"));
+  CHECK_THAT(e.what(), Catch::Contains("the remote command exited with status 127"));
+}
+
+TEST_CASE("the exit status of a failed start is in the error every time", "[ssh][fault]") {
+  NEED_SSHD(srv);
+  rig t;
+  auto o = srv->key_login();
+  // The remote command prints, closes its output and exits at once: the server's
+  // EOF and its exit-status message arrive back to back, the race this guards.
+  o.python_path = {"/bin/sh", "-c", "echo gone >&2; exit 3", "--"};
+  for (int i = 0; i < 10; ++i) {
+    auto e = expect_stream_error([&] { ssh(*t.r, o); });
+    CHECK(e.code() == errc::child_died);
+    CHECK_THAT(e.what(), Catch::Contains("the remote command exited with status 3") && Catch::Contains("gone"));
+  }
 }
 
 TEST_CASE("transport openssh: the system ssh binary carries the context", "[ssh][openssh]") {
