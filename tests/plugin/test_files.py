@@ -351,9 +351,21 @@ def test_child_sending_more_than_announced(ctx, tmp_path):
     assert os.listdir(str(tmp_path)) == []
 
 
-def test_child_ignoring_flow_control(ctx, tmp_path):
-    ctx.call(file_helpers.install, 'send_ignoring_flow_control')
-    dst = str(tmp_path / 'dst')
+def test_child_ignoring_flow_control(router, tmp_path):
+    # The hostile source sends 1 GiB without waiting for acknowledgements. The
+    # master must notice whatever the speeds: if it wrote chunks as fast as they
+    # came, it would acknowledge them in time and no window would be broken
+    # (get_file() under load once did just that). So the copy goes to a second
+    # context that starts receiving only once the source is gone: until then
+    # the master consumes nothing and acknowledges nothing, the source's
+    # window is broken for certain, and being disconnected for it is what ends
+    # the source (its next write fails) and lets the destination start.
+    src = router.local(remote_name='flooder')
+    dst = router.local(remote_name='held')
+    src.call(file_helpers.install, 'send_ignoring_flow_control')
+    dst.call(file_helpers.receive_once_gone, src.call(os.getpid))
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
     before = _rss_kib()
     peak = [before]
     stop = threading.Event()
@@ -366,13 +378,17 @@ def test_child_ignoring_flow_control(ctx, tmp_path):
     sampler.start()
     try:
         with pytest.raises(FileError) as e:
-            ctx.get_file('/etc/hostname', dst, timeout=30)
+            src.copy_file('/etc/hostname', dst, str(out_dir / 'dst'), timeout=30)
     finally:
         stop.set()
         sampler.join(5)
     assert 'ignored flow control' in str(e.value)
+    assert e.value.errno == errno.EPROTO
+    # At most the window (8 chunks of 1 MiB) was kept of what it sent.
     assert (peak[0] - before) < 64 * 1024, 'RSS grew by %d KiB' % (peak[0] - before)
-    assert os.listdir(str(tmp_path)) == []
+    # The destination was told to give up and removed its temporary file.
+    _wait_for(lambda: os.listdir(str(out_dir)) == [])
+    assert dst.call(os.getpid) > 0
 
 
 def test_child_that_never_finishes(ctx, tmp_path):
