@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "mitogen/mitogen.hpp"
+#include "skip.hpp"
 #include "sshd.hpp"
 #include "router_rig.hpp"
 
