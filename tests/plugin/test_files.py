@@ -19,6 +19,7 @@ import mitogen_native.core
 import mitogen_native.master
 
 import file_helpers
+import remote_helpers
 
 FileError = mitogen_native.core.FileError
 ROOT = os.geteuid() == 0
@@ -145,14 +146,22 @@ def test_copy_between_two_contexts(router, tmp_path):
 
 
 def test_a_transfer_queued_behind_a_long_call_does_not_time_out(ctx, tmp_path):
-    # The agent runs one call at a time: the transfer starts once the sleep
-    # ends. `timeout` bounds silence during the transfer, not the queueing.
-    busy = ctx.call_async(time.sleep, 2.5)
+    # The agent runs one call at a time: the transfer starts once the held
+    # call ends. `timeout` bounds silence during the transfer, not the queueing.
+    fifo = str(tmp_path / 'hold')
+    os.mkfifo(fifo)
+    busy = ctx.call_async(remote_helpers.hold, fifo)
+    fd = remote_helpers.open_when_read(fifo)     # the context is inside that call
     src = tmp_path / 'src'
     src.write_bytes(b'queued')
-    start = time.monotonic()
-    assert ctx.put_file(str(src), str(tmp_path / 'dst'), timeout=1) == 6
-    assert time.monotonic() - start > 1.5
+    t, out = _run_in_thread(lambda: ctx.put_file(str(src), str(tmp_path / 'dst'), timeout=1))
+    try:
+        time.sleep(2.5)     # queued for longer than the timeout (a lower bound: never too short)
+    finally:
+        os.close(fd)
+    t.join(30)
+    assert not t.is_alive()
+    assert out.get('result') == 6, out
     assert (tmp_path / 'dst').read_bytes() == b'queued'
     busy.get(timeout=30)
 

@@ -189,11 +189,15 @@ TEST_CASE("a full peer applies backpressure, and closing releases the blocked se
       sent++;
     }
   });
-  std::this_thread::sleep_for(300ms);
+  // The peer reads nothing: once the queue passes the limit the sender blocks.
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (s->queued_bytes() <= 256 * 1024 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
+  REQUIRE(s->queued_bytes() > 256 * 1024);
   int stalled_at = sent.load();
-  CHECK(stalled_at < 1000);  // the peer reads nothing: the sender is held back
+  CHECK(stalled_at < 1000);
   CHECK(s->queued_bytes() <= 256 * 1024 + 64 * 1024 + 26);
-  std::this_thread::sleep_for(100ms);
+  std::this_thread::sleep_for(100ms);  // and stays blocked (the one wait that is a duration)
   CHECK(sent.load() == stalled_at);
   s->close(make_error_code(errc::broker_shut_down), "test");
   t.join();
