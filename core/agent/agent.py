@@ -645,7 +645,10 @@ def _refuse_foreign(msg):
 # SHUTDOWN; reply handles get slots of their own; a few handles (LOAD_MODULE)
 # have handlers that the reading thread runs itself. In the common case (main
 # thread idle, nobody else waiting) a message costs one read() and a few
-# uncontended lock operations.
+# uncontended lock operations. Once this context has children (via=), only its
+# router thread reads: a child's reader thread delivers replies and dead messages
+# from that child, and it can wake a waiter sleeping on its slot but not one
+# blocked reading from the parent (see _start_router_thread()).
 
 class _Slot(object):
     __slots__ = ('queue', 'wake', 'sleeping', 'peer')
@@ -674,6 +677,7 @@ class _Inbox(object):
         self._slots = {}           # handle -> _Slot, for replies
         self._handlers = {}        # handle -> fn(msg), run by the reader
         self._next_handle = FIRST_DYNAMIC_HANDLE
+        self.router = None         # the router thread's slot: once set, the only reader
 
     # -- slots and handlers --------------------------------------------------
 
@@ -733,7 +737,8 @@ class _Inbox(object):
             with self._lock:
                 if slot.queue:
                     return slot.queue.pop(0)
-                lead = not self._reading
+                lead = not self._reading and (self.router is None or
+                                              slot is self.router)
                 if lead:
                     self._reading = True
                     self._leader = _thread.get_ident()
@@ -752,11 +757,16 @@ class _Inbox(object):
                 self._step_down()
 
     def _step_down(self):
-        # Hand the reader role to a sleeping waiter, if any.
+        # Hand the reader role to a sleeping waiter, if any; once there is a
+        # router thread, to it alone (the others never read any more).
         with self._lock:
             self._reading = False
             self._leader = None
-            if self._sleeping:
+            router = self.router
+            if router is not None:
+                if router.sleeping:
+                    self._wake(router)
+            elif self._sleeping:
                 self._wake(self._sleeping[0])
 
     def _wake(self, slot):
@@ -2629,10 +2639,19 @@ def _start_router_thread():
         if _router_started:
             return
         _router_started = True
+    # From now on only this thread reads from the parent. A waiter that led
+    # instead would block in read() while a child's reader thread queued its
+    # reply (or the dead message of _fail_waiters) on its slot, and stay blocked
+    # until the parent happened to send something. Set before the thread runs,
+    # so nobody takes the role meanwhile; whoever holds it now hands it over
+    # when its own message arrives (_Inbox._step_down).
+    slot = _Slot()
+    with _inbox._lock:
+        _inbox.router = slot
 
     def run():
         try:
-            _inbox.wait(_Slot())   # nothing is ever delivered to this slot
+            _inbox.wait(slot)   # nothing is ever delivered to this slot
         except BaseException as e:
             _log(ERROR, 'router thread failed: %s', _format_exception(e))
             _exit(1)
@@ -2822,7 +2841,7 @@ def _chan_wait(slot, timeout):
             with inbox._lock:
                 if slot.queue:
                     return slot.queue.pop(0)
-                lead = not inbox._reading
+                lead = not inbox._reading and inbox.router is None
                 if lead:
                     inbox._reading = True
                     inbox._leader = _thread.get_ident()

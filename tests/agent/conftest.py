@@ -150,6 +150,13 @@ TESTMOD = textwrap.dedent('''
         return time.monotonic()
 
 
+    def hold(path):
+        # Inside a call until the test opens, then closes, FIFO `path`
+        # (once the test can open it for writing, the call has started).
+        with open(path, 'rb') as f:
+            return len(f.read())
+
+
     class Thing(object):
         @staticmethod
         def triple(x):

@@ -119,7 +119,7 @@ def test_missing_module_is_a_quick_cached_error(master):
         t0 = time.monotonic()
         with pytest.raises(RemoteError) as info:
             master.call('absent_everywhere', 'f')
-        assert time.monotonic() - t0 < 1
+        assert time.monotonic() - t0 < 8   # an answer, not the 10 s timeout
         assert info.value.args[0].startswith(
             "builtins.ModuleNotFoundError: No module named "
             "'absent_everywhere'")
@@ -189,7 +189,7 @@ THREADED = src('''
 
     def late_result(name):
         import time
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while name not in _late and time.monotonic() < deadline:
             time.sleep(0.01)
         return _late.get(name)

@@ -3,6 +3,7 @@ _proxy_connect, routes for them, checks what they send, serves them modules
 from its cache and reports their end upward. Driven by the fake master."""
 
 import ast
+import errno
 import os
 import time
 
@@ -39,6 +40,30 @@ def call_in(m, dst, module, function, *args, **kwargs):
     msg = m.recv(kwargs.pop('_timeout', 20), handle)
     assert msg.dst_id == 0
     return msg
+
+
+# Served to contexts that must be held inside a call: block() opens a FIFO for
+# reading (returns once the test opens the other end) and reads it until the
+# test closes it. Import it first (ping) while the test answers GET_MODULE.
+BLOCKER = ('def ping():\n'
+           '    return True\n'
+           'def block(path):\n'
+           '    with open(path, "rb") as f:\n'
+           '        return len(f.read())\n')
+
+
+def open_when_read(path, timeout=30):
+    """Open FIFO `path` for writing as soon as a reader has it open, i.e.
+    once the context is inside its call; returns the descriptor. Closing it
+    ends the call."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)
 
 
 def start_child(m, context_id, **options):
@@ -151,45 +176,83 @@ def test_unknown_method_and_failed_start_are_reported(master):
     assert 'nope' in reply['msg']
 
 
-def test_a_child_that_is_not_reading_does_not_stall_the_others(master):
+def test_a_child_that_is_not_reading_does_not_stall_the_others(master,
+                                                               tmp_path):
+    master.serve_module('blocker', BLOCKER)
     start_child(master, 5)
     start_child(master, 6)
-    # 5 sleeps, so it reads nothing: a 4 MiB message for it cannot be written
-    # before it wakes up. Traffic to 6 must flow meanwhile.
-    master.send(CALL_FUNCTION, master.call_payload('time', 'sleep', (4,)),
-                dst_id=5)
-    time.sleep(0.3)
-    h = master.new_handle()
-    master.send(CALL_FUNCTION, master.call_payload(
-        'builtins', 'len', (b'x' * (4 << 20),)), reply_to=h, dst_id=5)
-    t0 = time.monotonic()
-    assert master.result(call_in(master, 6, 'os', 'getppid')) == \
-        master.proc.pid
-    assert time.monotonic() - t0 < 2.0
+    assert master.result(call_in(master, 5, 'blocker', 'ping')) is True
+    # 5 is held inside a call until the test lets it go, so it reads nothing:
+    # a 4 MiB message for it cannot be written meanwhile. Traffic to 6 must
+    # flow all the same (if it did not, the call to 6 would never return).
+    fifo = str(tmp_path / 'hold')
+    os.mkfifo(fifo)
+    held = master.new_handle()
+    master.send(CALL_FUNCTION, master.call_payload('blocker', 'block', (fifo,)),
+                reply_to=held, dst_id=5)
+    fd = open_when_read(fifo)
+    try:
+        h = master.new_handle()
+        master.send(CALL_FUNCTION, master.call_payload(
+            'builtins', 'len', (b'x' * (4 << 20),)), reply_to=h, dst_id=5)
+        assert master.result(call_in(master, 6, 'os', 'getppid')) == \
+            master.proc.pid
+    finally:
+        os.close(fd)
+    assert master.result(master.recv(30, held)) == 0
     assert master.result(master.recv(30, h)) == 4 << 20
 
 
-def test_waiters_in_the_intermediary_are_released_when_a_child_dies(master):
-    # Code in the intermediary waits for a reply from its child 5; 5 dies.
-    master.serve_module('waiter', (
-        'import mitogen.core as c\n'
-        'def wait_on(ident):\n'
-        '    handle, slot = c._inbox.open_slot()\n'
-        '    c._expect_reply(handle, ident)\n'
-        '    payload = c._encode((None, "time", None, "sleep", (30,), '
-        'c.Kwargs()))\n'
-        '    c._send(ident, c.CALL_FUNCTION, payload, reply_to=handle)\n'
-        '    msg = c._inbox.wait(slot)\n'
-        '    c._inbox.close_slot(handle)\n'
-        '    return msg.is_dead, msg.data.decode()\n'))
+# Code in the intermediary that calls its child `ident` and waits for the
+# answer, as docs/via.md describes (the agent has no call API of its own).
+WAITER = (
+    'import mitogen.core as c\n'
+    'def wait_on(ident, module, function, args):\n'
+    '    handle, slot = c._inbox.open_slot()\n'
+    '    c._expect_reply(handle, ident)\n'
+    '    payload = c._encode((None, module, None, function, tuple(args), '
+    'c.Kwargs()))\n'
+    '    c._send(ident, c.CALL_FUNCTION, payload, reply_to=handle)\n'
+    '    msg = c._inbox.wait(slot)\n'
+    '    c._inbox.close_slot(handle)\n'
+    '    if msg.is_dead:\n'
+    '        return True, msg.data.decode()\n'
+    '    return False, c._decode(msg.data)\n')
+
+
+def test_a_waiter_in_the_intermediary_gets_its_childs_reply(master):
+    # The reply comes in on the child's reader thread. It used to wait
+    # forever whenever the waiting thread had taken the reader role from the
+    # router thread (blocked reading from the parent, it never saw the reply):
+    # every time when the call came right after the child started.
+    master.serve_module('waiter', WAITER)
     start_child(master, 5)
+    for _ in range(5):
+        h = master.new_handle()
+        master.send(CALL_FUNCTION, master.call_payload(
+            'waiter', 'wait_on', (5, 'os', 'getppid', ())), reply_to=h)
+        assert master.result(master.recv(30, h)) == (False, master.proc.pid)
+
+
+def test_waiters_in_the_intermediary_are_released_when_a_child_dies(
+        master, tmp_path):
+    # Code in the intermediary waits for a reply from its child 5, which is
+    # held inside the call; 5 dies.
+    master.serve_module('waiter', WAITER)
+    master.serve_module('blocker', BLOCKER)
+    start_child(master, 5)
+    assert master.call('waiter', 'wait_on', 5, 'blocker', 'ping', ()) == \
+        (False, True)
     pid5 = master.result(call_in(master, 5, 'os', 'getpid'))
+    fifo = str(tmp_path / 'hold')
+    os.mkfifo(fifo)
     h = master.new_handle()
-    master.send(CALL_FUNCTION, master.call_payload('waiter', 'wait_on', (5,)),
-                reply_to=h)
-    time.sleep(1.0)
-    os.kill(pid5, 9)
-    t0 = time.monotonic()
-    dead, text = master.result(master.recv(10, h))
+    master.send(CALL_FUNCTION, master.call_payload(
+        'waiter', 'wait_on', (5, 'blocker', 'block', (fifo,))), reply_to=h)
+    fd = open_when_read(fifo)   # 5 is inside the call: the waiter has sent it
+    try:
+        os.kill(pid5, 9)
+        dead, text = master.result(master.recv(30, h))
+    finally:
+        os.close(fd)
     assert dead and 'context 5' in text and 'disconnected' in text
-    assert time.monotonic() - t0 < 2.0

@@ -103,6 +103,21 @@ TEST_CASE("send_file and fetch_file copy files byte for byte, mode included", "[
   }
 }
 
+TEST_CASE("an empty file is sent every time, however fast the agent answers", "[files]") {
+  // With nothing to receive, the agent acknowledges the start and replies at once;
+  // when both arrived before send_file() looked, the reply was taken for an early
+  // end ("ended the transfer before receiving everything", ~1 run in 8).
+  test::router_rig t;
+  tmpdir d;
+  context c = local(*t.r);
+  put(d.p / "empty", "");
+  for (int i = 0; i < 40; ++i) {
+    CAPTURE(i);
+    CHECK(send_file(c, (d.p / "empty").string(), (d.p / ("remote" + std::to_string(i))).string(), {}) == 0);
+    CHECK(fs::file_size(d.p / ("remote" + std::to_string(i))) == 0);
+  }
+}
+
 TEST_CASE("copy_file streams from one context to another", "[files]") {
   test::router_rig t;
   tmpdir d;

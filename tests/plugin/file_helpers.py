@@ -69,6 +69,29 @@ def send_ignoring_flow_control(path, data_to, chunk_size, window):
     return size
 
 
+def receive_once_gone(pid):
+    """Make this context's next _file_receive start only once process `pid`
+    has exited (or is a zombie), then run the real one. Holds the master's
+    copy_file() before it consumes anything from its source."""
+    core = _core()
+    real = core._file_receive
+
+    def receive(*args):
+        core._file_receive = real
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with open('/proc/%d/stat' % pid) as f:
+                    if f.read().rsplit(')', 1)[1].split()[0] == 'Z':
+                        break
+            except OSError:
+                break
+            time.sleep(0.01)
+        return real(*args)
+    core._file_receive = receive
+    return True
+
+
 def send_then_hang(path, data_to, chunk_size, window):
     """Announces 1 MiB, sends 1000 bytes, then never sends anything again."""
     core = _core()

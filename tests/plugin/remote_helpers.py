@@ -74,3 +74,27 @@ class Calculator(object):
 
     def instance_method(self):
         return 'nope'
+
+
+# Holding a context inside a call, without guessing how long it takes to get there:
+# the context runs hold(fifo); the test calls open_when_read(fifo), which returns
+# once the context has the FIFO open (so it is inside the call) and gives the test
+# the write end; closing it ends the call. Make the FIFO with os.mkfifo().
+
+def hold(path):
+    """Block until the other end of FIFO `path` is opened and closed again."""
+    with open(path, 'rb') as f:
+        return len(f.read())
+
+
+def open_when_read(path, timeout=30):
+    """In the test: the write end of FIFO `path`, once a reader has it open."""
+    import errno
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)

@@ -140,16 +140,19 @@ def test_blocking_call_releases_the_gil(context):
     assert counter[0] > 10000
 
 
-def test_child_killed_mid_call(router):
+def test_child_killed_mid_call(router, tmp_path):
     ctx = router.local()
     pid = ctx.call(os.getpid)
-    recv = ctx.call_async(remote_helpers.sleep, 30)
-    time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
-    started = time.monotonic()
-    with pytest.raises(ChannelError):
-        recv.get()
-    assert time.monotonic() - started < 2
+    fifo = str(tmp_path / 'hold')
+    os.mkfifo(fifo)
+    recv = ctx.call_async(remote_helpers.hold, fifo)
+    fd = remote_helpers.open_when_read(fifo)    # the child is inside the call
+    try:
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(ChannelError):
+            recv.get(timeout=30)    # the call never ends by itself
+    finally:
+        os.close(fd)
     with pytest.raises(ChannelError):
         ctx.call(os.getpid)
 
@@ -162,7 +165,7 @@ def test_stopped_child_times_out_and_others_keep_working(router):
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             stopped.call_async(os.getpid).get(timeout=0.5)
-        assert 0.45 <= time.monotonic() - started < 3
+        assert 0.45 <= time.monotonic() - started < 15   # the timeout, not a hang
         assert other.call(os.getpid) not in (pid, os.getpid())
     finally:
         os.kill(pid, signal.SIGCONT)
@@ -173,7 +176,7 @@ def test_context_shutdown(router):
     ctx = router.local()
     pid = ctx.call(os.getpid)
     ctx.shutdown(wait=True)
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 30
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not pid_alive(pid)

@@ -19,6 +19,7 @@ import mitogen_native.core
 import mitogen_native.master
 
 import file_helpers
+import remote_helpers
 
 FileError = mitogen_native.core.FileError
 ROOT = os.geteuid() == 0
@@ -145,14 +146,22 @@ def test_copy_between_two_contexts(router, tmp_path):
 
 
 def test_a_transfer_queued_behind_a_long_call_does_not_time_out(ctx, tmp_path):
-    # The agent runs one call at a time: the transfer starts once the sleep
-    # ends. `timeout` bounds silence during the transfer, not the queueing.
-    busy = ctx.call_async(time.sleep, 2.5)
+    # The agent runs one call at a time: the transfer starts once the held
+    # call ends. `timeout` bounds silence during the transfer, not the queueing.
+    fifo = str(tmp_path / 'hold')
+    os.mkfifo(fifo)
+    busy = ctx.call_async(remote_helpers.hold, fifo)
+    fd = remote_helpers.open_when_read(fifo)     # the context is inside that call
     src = tmp_path / 'src'
     src.write_bytes(b'queued')
-    start = time.monotonic()
-    assert ctx.put_file(str(src), str(tmp_path / 'dst'), timeout=1) == 6
-    assert time.monotonic() - start > 1.5
+    t, out = _run_in_thread(lambda: ctx.put_file(str(src), str(tmp_path / 'dst'), timeout=1))
+    try:
+        time.sleep(2.5)     # queued for longer than the timeout (a lower bound: never too short)
+    finally:
+        os.close(fd)
+    t.join(30)
+    assert not t.is_alive()
+    assert out.get('result') == 6, out
     assert (tmp_path / 'dst').read_bytes() == b'queued'
     busy.get(timeout=30)
 
@@ -351,9 +360,21 @@ def test_child_sending_more_than_announced(ctx, tmp_path):
     assert os.listdir(str(tmp_path)) == []
 
 
-def test_child_ignoring_flow_control(ctx, tmp_path):
-    ctx.call(file_helpers.install, 'send_ignoring_flow_control')
-    dst = str(tmp_path / 'dst')
+def test_child_ignoring_flow_control(router, tmp_path):
+    # The hostile source sends 1 GiB without waiting for acknowledgements. The
+    # master must notice whatever the speeds: if it wrote chunks as fast as they
+    # came, it would acknowledge them in time and no window would be broken
+    # (get_file() under load once did just that). So the copy goes to a second
+    # context that starts receiving only once the source is gone: until then
+    # the master consumes nothing and acknowledges nothing, the source's
+    # window is broken for certain, and being disconnected for it is what ends
+    # the source (its next write fails) and lets the destination start.
+    src = router.local(remote_name='flooder')
+    dst = router.local(remote_name='held')
+    src.call(file_helpers.install, 'send_ignoring_flow_control')
+    dst.call(file_helpers.receive_once_gone, src.call(os.getpid))
+    out_dir = tmp_path / 'out'
+    out_dir.mkdir()
     before = _rss_kib()
     peak = [before]
     stop = threading.Event()
@@ -366,13 +387,17 @@ def test_child_ignoring_flow_control(ctx, tmp_path):
     sampler.start()
     try:
         with pytest.raises(FileError) as e:
-            ctx.get_file('/etc/hostname', dst, timeout=30)
+            src.copy_file('/etc/hostname', dst, str(out_dir / 'dst'), timeout=30)
     finally:
         stop.set()
         sampler.join(5)
     assert 'ignored flow control' in str(e.value)
+    assert e.value.errno == errno.EPROTO
+    # At most the window (8 chunks of 1 MiB) was kept of what it sent.
     assert (peak[0] - before) < 64 * 1024, 'RSS grew by %d KiB' % (peak[0] - before)
-    assert os.listdir(str(tmp_path)) == []
+    # The destination was told to give up and removed its temporary file.
+    _wait_for(lambda: os.listdir(str(out_dir)) == [])
+    assert dst.call(os.getpid) > 0
 
 
 def test_child_that_never_finishes(ctx, tmp_path):

@@ -157,8 +157,10 @@ class ssh_session : public std::enable_shared_from_this<ssh_session> {
   void arm_socket(bool write);
   void arm_bridge(bool write);
   void lost(const std::string& why);
+  void read_stderr_now();
+  bool booted();
   void remote_eof();
-  void finish_eof();
+  void finish_eof(bool channel_closed);
   void keepalive_tick();
 
   static void kbd_callback(const char* name, int name_len, const char* instruction, int instruction_len,
@@ -593,7 +595,7 @@ void ssh_session::pump() {
     pump_once(fatal);
     if (fatal || closed_) return;
     int rc = libssh2_channel_wait_closed(channel_);
-    if (rc != LIBSSH2_ERROR_EAGAIN) return finish_eof();
+    if (rc != LIBSSH2_ERROR_EAGAIN) return finish_eof(rc == 0);
     arm_socket(false);
     if (libssh2_session_block_directions(session_) & LIBSSH2_SESSION_BLOCK_OUTBOUND) arm_socket(true);
     return;
@@ -617,27 +619,58 @@ void ssh_session::pump() {
   }
 }
 
+/// Stderr the transport has already received (with the channel's close, say) that
+/// no pump round read yet: the error message needs all of it.
+void ssh_session::read_stderr_now() {
+  if (!channel_) return;
+  char buf[8192];
+  ssize_t n;
+  while ((n = libssh2_channel_read_stderr(channel_, buf, sizeof buf)) > 0) stderr_.feed({buf, static_cast<std::size_t>(n)});
+}
+
+bool ssh_session::booted() {
+  std::lock_guard lk(boot_->mu);
+  return boot_->done && boot_->ok;
+}
+
 void ssh_session::remote_eof() {
-  // Callers must fail at once: end the bridge now, then collect the exit status.
   draining_ = true;
-  ::shutdown(bridge_.native_handle(), SHUT_RDWR);
-  linger_.expires_after(std::chrono::milliseconds(250));
+  if (booted()) {
+    // A running context: its callers must fail at once. End the bridge now; the
+    // exit status that follows only goes to the log.
+    ::shutdown(bridge_.native_handle(), SHUT_RDWR);
+    linger_.expires_after(std::chrono::milliseconds(250));
+  } else {
+    // Still booting (a missing interpreter, a crash in stage 1): the only one
+    // waiting is run_bootstrap(), which fails on the stream's end of file and whose
+    // message must carry the exit status. The server sends that status after its
+    // EOF, so the bridge stays open until finish_eof() has recorded it: the note is
+    // in boot_state before the stream can see the end. The connect timeout bounds
+    // a server that never sends it; this linger only bounds the session itself.
+    linger_.expires_after(std::chrono::seconds(30));
+  }
   linger_.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
-    if (!ec) self->finish_eof();
+    if (!ec) self->finish_eof(false);
   });
   pump();
 }
 
-void ssh_session::finish_eof() {
+void ssh_session::finish_eof(bool channel_closed) {
   if (closed_) return;
-  int status = channel_ ? libssh2_channel_get_exit_status(channel_) : 0;
-  char* sig = nullptr;
-  if (channel_) libssh2_channel_get_exit_signal(channel_, &sig, nullptr, nullptr, nullptr, nullptr, nullptr);
-  std::string note = sig ? std::string("the remote command was killed by SIG") + sig
-                         : "the remote command exited with status " + std::to_string(status);
-  if (sig) libssh2_free(session_, sig);
+  read_stderr_now();
+  std::string note;
+  if (!channel_closed || !channel_) {
+    note = "the remote command closed its output; no exit status arrived";
+  } else {
+    // The server sends exit-status (or exit-signal) before closing the channel.
+    char* sig = nullptr;
+    libssh2_channel_get_exit_signal(channel_, &sig, nullptr, nullptr, nullptr, nullptr, nullptr);
+    note = sig ? std::string("the remote command was killed by SIG") + sig
+               : "the remote command exited with status " + std::to_string(libssh2_channel_get_exit_status(channel_));
+    if (sig) libssh2_free(session_, sig);
+  }
   boot_->set_note(note);
-  close(note);
+  close(note);  // closes the bridge: the stream sees its end only now
 }
 
 void ssh_session::lost(const std::string& why) {

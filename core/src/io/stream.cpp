@@ -56,7 +56,7 @@ void stream::start(raw_fn raw) {
 
 bool stream::closed() const {
   std::lock_guard lk(wmu_);
-  return closed_;
+  return closed_ || closing_;
 }
 
 std::size_t stream::queued_bytes() const {
@@ -85,7 +85,7 @@ bool stream::send_raw(std::string bytes) { return enqueue({}, std::move(bytes));
 
 bool stream::enqueue(std::string head, std::string body) {
   std::unique_lock lk(wmu_);
-  if (closed_) return false;
+  if (closed_ || closing_) return false;
   std::size_t written = 0;
   if (queue_.empty()) {
     // Fast path: write inline from the caller's thread; no broker wake-up unless the
@@ -125,8 +125,8 @@ bool stream::enqueue(std::string head, std::string body) {
     broker_->defer([self = shared_from_this()] { self->arm_write(); });
   }
   if (queued_ > opts_.max_queued_bytes && !broker_->on_broker_thread()) {
-    drained_.wait(lk, [&] { return closed_ || queued_ <= opts_.max_queued_bytes / 2; });
-    if (closed_) return false;
+    drained_.wait(lk, [&] { return closed_ || closing_ || queued_ <= opts_.max_queued_bytes / 2; });
+    if (closed_ || closing_) return false;
   }
   return true;
 }
@@ -176,7 +176,7 @@ void stream::arm_write() {
 
 void stream::flush_on_broker() {
   std::unique_lock lk(wmu_);
-  if (closed_) return;
+  if (closed_ || closing_) return;  // closing: queued output is discarded
   if (!write_some_locked()) {
     auto err = write_error_;
     lk.unlock();
@@ -245,10 +245,13 @@ void stream::close(std::error_code reason, std::string detail) {
     return;
   }
   {
-    // Mark closed at once so no caller writes after this returns.
+    // Refuse writes at once: no caller writes after this returns, although the
+    // descriptors close (and on_disconnect runs) later, on the broker thread.
     std::lock_guard lk(wmu_);
-    if (closed_) return;
+    if (closed_ || closing_) return;
+    closing_ = true;
   }
+  drained_.notify_all();  // senders blocked by backpressure give up now
   auto self = shared_from_this();
   if (!broker_->defer([self, reason, d = std::move(detail)]() mutable { self->close_on_broker(reason, std::move(d)); })) {
     // Broker already stopped: close synchronously (no handlers can run any more).

@@ -369,7 +369,9 @@ class remote_sink : public remote_end {
     std::unique_lock lk(st_->mu);
     wait(lk, [&] { return st_->peer_handle || st_->reply || !st_->failure.empty(); }, "starting to receive",
          false);
-    if (st_->reply) early_reply(lk);
+    // An empty file is complete once started: the agent's reply may already be here
+    // (then finish() reads it); only with bytes still to send is a reply early.
+    if (st_->reply && !(st_->peer_handle && size_ == 0)) early_reply(lk);
     if (!st_->failure.empty()) throw_failure();
   }
 

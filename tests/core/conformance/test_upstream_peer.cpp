@@ -13,6 +13,7 @@
 
 #include "mitogen/mitogen.hpp"
 #include "router_rig.hpp"
+#include "skip.hpp"
 
 using namespace mitogen;
 using namespace std::chrono_literals;
@@ -67,10 +68,7 @@ struct rig : test::router_rig {
 }  // namespace
 
 TEST_CASE("an upstream Mitogen child bootstraps and answers calls", "[upstream]") {
-  if (::access(upstream_core, R_OK) != 0) {
-    WARN("python3-mitogen not installed: skipped");
-    return;
-  }
+  if (::access(upstream_core, R_OK) != 0) MITOGEN_SKIP("python3-mitogen not installed");
   rig t;
   context c = t.upstream();
   auto pid = c.call({.module = "os", .function = "getpid"}).as<std::int64_t>();

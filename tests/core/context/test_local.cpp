@@ -134,20 +134,17 @@ TEST_CASE("call_async returns a receiver that yields the reply", "[local]") {
   CHECK(c.result(rx->get(10s)).as<std::int64_t>() == -7);
 }
 
-TEST_CASE("a child SIGKILLed mid-call fails the caller within 1 s", "[local][fault]") {
+TEST_CASE("a child SIGKILLed mid-call fails the caller at once", "[local][fault]") {
   rig t;
   context c = local(*t.r);
   pid_t pid = pid_of(c);
-  auto rx = c.call_async({.module = "time", .function = "sleep", .args = {{std::int64_t{30}}}});
-  std::this_thread::sleep_for(100ms);
-  auto t0 = clk::now();
+  // Pending (sent or not yet: either way it must fail); it never ends by itself.
+  auto rx = c.call_async({.module = "time", .function = "sleep", .args = {{std::int64_t{300}}}});
   ::kill(pid, SIGKILL);
-  CHECK_THROWS_AS(c.result(rx->get(5s)), channel_error);
-  CHECK(clk::now() - t0 < 1s);
+  // channel_error, not timeout_error: released by the end of file, not by a clock.
+  CHECK_THROWS_AS(c.result(rx->get(60s)), channel_error);
   // Further calls fail at once instead of hanging.
-  t0 = clk::now();
-  CHECK_THROWS_AS(c.call(getpid_call(), 5s), channel_error);
-  CHECK(clk::now() - t0 < 1s);
+  CHECK_THROWS_AS(c.call(getpid_call(), 60s), channel_error);
   CHECK(wait_until([&] { return process_gone(pid); }, 2000ms));
 }
 
@@ -167,7 +164,7 @@ TEST_CASE("a SIGSTOPped child: a call with a timeout fails with timeout_error, o
   }
   auto took = clk::now() - t0;
   CHECK(took >= 450ms);
-  CHECK(took < 3s);
+  CHECK(took < 15s);  // the timeout, not a hang
   // The stopped child holds up nobody else.
   CHECK(pid_of(other) != pid);
   // Resumed, it answers again; the late reply to the abandoned call is dropped.
@@ -187,22 +184,26 @@ TEST_CASE("broker shutdown with calls in flight releases every caller and leaves
   }
   std::atomic<int> released{0};
   std::vector<std::thread> ts;
+  // Sent before shutdown (call_async returns once the call is routed), then waited
+  // for by a thread each, as call() does; whether a thread is already waiting when
+  // the shutdown comes does not matter.
   for (auto& c : cs)
-    for (int k = 0; k < 3; ++k)
-      ts.emplace_back([&, c] {
+    for (int k = 0; k < 3; ++k) {
+      auto rx = c.call_async({.module = "time", .function = "sleep", .args = {{std::int64_t{60}}}});
+      ts.emplace_back([&, c, rx] {
         try {
-          c.call({.module = "time", .function = "sleep", .args = {{std::int64_t{60}}}});
+          c.result(rx->get(120s));
         } catch (const channel_error&) {
           released++;
         }
       });
-  std::this_thread::sleep_for(200ms);
+    }
   auto t0 = clk::now();
   b->shutdown();
   for (auto& th : ts) th.join();
   b->join();
   CHECK(released.load() == 9);
-  CHECK(clk::now() - t0 < 3s);
+  CHECK(clk::now() - t0 < 30s);  // the shutdown's grace at most, never the 60 s calls
   for (auto p : pids) CHECK(process_gone(p));
 }
 
@@ -229,14 +230,15 @@ TEST_CASE("an interpreter that never bootstraps hits connect_timeout, and is kil
   rig t;
   auto t0 = clk::now();
   try {
+    // Long enough for the shell to have printed, however loaded the machine.
     local(*t.r, {{.python_path = {"/bin/sh", "-c", "echo not python; exec sleep 30", "sh"},
-                  .connect_timeout = 500ms}});
+                  .connect_timeout = 3s}});
     FAIL("no exception");
   } catch (const stream_error& e) {
     CHECK(e.code() == errc::connect_timeout);
     CHECK(std::string(e.what()).find("not python") != std::string::npos);
   }
-  CHECK(clk::now() - t0 < 2s);
+  CHECK(clk::now() - t0 < 25s);  // the connect timeout, not the 30 s sleep
 }
 
 TEST_CASE("an interpreter that dies during bootstrap reports its stderr", "[local][fault]") {

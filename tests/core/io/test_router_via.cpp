@@ -112,11 +112,11 @@ TEST_CASE("an intermediary's disconnect fails every call pending on its descenda
   ::close(t.a.fd);
   t.a.fd = -1;
   for (auto& rx : rxs) {
-    auto m = rx->get(5s);
+    auto m = rx->get(30s);
     CHECK(m.is_dead());
     CHECK(m.data.find("disconnected") != std::string::npos);
   }
-  CHECK(std::chrono::steady_clock::now() - t0 < 2s);
+  CHECK(std::chrono::steady_clock::now() - t0 < 15s);  // released by the close, not a timeout
   CHECK(t.r->wait_disconnected(g2, 1s));
   CHECK(t.r->routed_via(g1) == 0);
   // New calls to a descendant fail at once; B is unaffected.

@@ -189,11 +189,15 @@ TEST_CASE("a full peer applies backpressure, and closing releases the blocked se
       sent++;
     }
   });
-  std::this_thread::sleep_for(300ms);
+  // The peer reads nothing: once the queue passes the limit the sender blocks.
+  auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (s->queued_bytes() <= 256 * 1024 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
+  REQUIRE(s->queued_bytes() > 256 * 1024);
   int stalled_at = sent.load();
-  CHECK(stalled_at < 1000);  // the peer reads nothing: the sender is held back
+  CHECK(stalled_at < 1000);
   CHECK(s->queued_bytes() <= 256 * 1024 + 64 * 1024 + 26);
-  std::this_thread::sleep_for(100ms);
+  std::this_thread::sleep_for(100ms);  // and stays blocked (the one wait that is a duration)
   CHECK(sent.load() == stalled_at);
   s->close(make_error_code(errc::broker_shut_down), "test");
   t.join();
@@ -264,5 +268,57 @@ TEST_CASE("raw phase hands over to framing mid-buffer", "[stream]") {
   s->close(make_error_code(errc::broker_shut_down), "done");
   // close() from this thread runs on the broker later; `k` and `seen` must outlive it.
   REQUIRE(k.wait_gone());
+  ::close(p.fd[1]);
+}
+
+TEST_CASE("nothing is written once close() has returned, even before the broker closes the descriptors",
+          "[stream]") {
+  auto b = std::make_shared<broker>();
+  pair p;
+  auto s = stream::create(b, p.fd[0], p.fd[0], {.name = "t"});
+  sink k;
+  k.attach(*s);
+  s->start();
+  // Hold the broker thread, so the close that close() defers to it cannot run yet:
+  // the descriptor stays open and an inline write would still reach the peer.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool holding = false, release = false;
+  REQUIRE(b->defer([&] {
+    std::unique_lock lk(mu);
+    holding = true;
+    cv.notify_all();
+    cv.wait(lk, [&] { return release; });
+  }));
+  {
+    std::unique_lock lk(mu);
+    REQUIRE(cv.wait_for(lk, 10s, [&] { return holding; }));
+  }
+  REQUIRE(s->send(msg(1000, "before")));  // inline write: the queue is empty
+  s->close(make_error_code(errc::broker_shut_down), "test");
+  CHECK(s->closed());
+  CHECK_FALSE(s->send(msg(1000, "after")));
+  CHECK_FALSE(s->send_raw("raw after"));
+  {
+    std::lock_guard lk(k.mu);
+    CHECK_FALSE(k.gone);  // the broker has not run the close yet
+  }
+  {
+    std::lock_guard lk(mu);
+    release = true;
+  }
+  cv.notify_all();
+  REQUIRE(k.wait_gone());
+  // The peer got exactly the frame sent before close(), then end of file.
+  std::string got;
+  std::vector<char> buf(4096);
+  for (;;) {
+    ssize_t n = ::read(p.fd[1], buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    REQUIRE(n >= 0);
+    if (n == 0) break;
+    got.append(buf.data(), static_cast<std::size_t>(n));
+  }
+  CHECK(got == wire::encode_frame(msg(1000, "before")));
   ::close(p.fd[1]);
 }

@@ -234,7 +234,7 @@ TEST_CASE("a missing module fails quickly with ModuleNotFoundError", "[module_re
   for (int i = 0; i < 2; ++i) {
     auto t0 = clk::now();
     CHECK(remote_type([&] { call(c, "no_such_module_xyz", "f"); }) == "builtins.ModuleNotFoundError");
-    CHECK(clk::now() - t0 < 1s);
+    CHECK(clk::now() - t0 < 10s);  // an answer, not a wait for some timeout
   }
   // Asked once (the child caches the negative answer); nothing was refused.
   CHECK(resp->get_stats().requests == 1);
@@ -338,7 +338,7 @@ TEST_CASE("search path order and a responder going away", "[module_responder]") 
   resp.reset();  // no responder: requests get dead replies, imports fail at once
   auto t0 = clk::now();
   CHECK(remote_type([&] { where("other"); }) == "builtins.ModuleNotFoundError");
-  CHECK(clk::now() - t0 < 1s);
+  CHECK(clk::now() - t0 < 10s);  // an answer, not a wait for some timeout
 }
 
 // ---- the worker thread, the resolver, and answers that follow the files -------

@@ -68,9 +68,13 @@ class stream : public std::enable_shared_from_this<stream> {
   /// Queue raw bytes (bootstrap preamble). Same rules as send().
   bool send_raw(std::string bytes);
 
-  /// Close both directions now, discarding queued output. Any thread; idempotent.
+  /// Close both directions now, discarding queued output. Any thread; idempotent; the
+  /// first reason wins. Once it returns, send() returns false and nothing more is
+  /// written, even from another thread; off the broker thread the descriptors close,
+  /// and on_disconnect runs, a little later on the broker thread.
   void close(std::error_code reason, std::string detail);
 
+  /// True once close() was called (or the stream closed by itself).
   bool closed() const;
   const std::string& name() const noexcept { return opts_.name; }
   std::size_t queued_bytes() const;
@@ -106,7 +110,8 @@ class stream : public std::enable_shared_from_this<stream> {
   std::size_t head_off_ = 0;
   std::size_t queued_ = 0;
   bool write_armed_ = false;
-  bool closed_ = false;
+  bool closing_ = false;  // close() was called off the broker thread; writes refused
+  bool closed_ = false;   // close_on_broker() ran: descriptors closed, on_disconnect called
   std::error_code write_error_;
 };
 
