@@ -320,7 +320,7 @@ std::shared_ptr<mux::client> attach_running(const std::string& socket) {
   try {
     return mux::client::attach(socket, std::chrono::seconds(10));
   } catch (const std::system_error& e) {
-    if (e.code().value() == ENOENT || e.code().value() == ECONNREFUSED) {
+    if (e.code().value() == ENOENT || e.code().value() == ECONNREFUSED || e.code().value() == ECONNRESET) {
       std::cerr << "mitogen-mux: not running (no daemon listens on " << socket << ")\n";
       return nullptr;
     }

@@ -46,8 +46,9 @@ START_TIMEOUT = 30.0
 # `mitogen-mux serve --detach` exits with this when another daemon holds the lock
 # (running, starting, or finishing its shutdown).
 _EXIT_RUNNING = 3
-# What connect() says when nothing listens on the socket.
-_NO_DAEMON = (errno.ENOENT, errno.ECONNREFUSED)
+# What attaching meets when no daemon listens on the socket (ECONNRESET: one
+# that was dying hung up before greeting us).
+_NO_DAEMON = (errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET)
 
 
 def socket_path():

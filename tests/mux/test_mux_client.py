@@ -285,7 +285,8 @@ def test_the_daemon_exits_after_its_idle_timeout(mux_env):
 
 
 def test_a_bad_settings_file_is_reported_to_the_client(mux_env):
-    mux_env.write_config(idle_timeout='soon')
+    with open(mux_env.config, 'w') as f:
+        f.write('log_file: %s\nidle_timeout: soon\n' % mux_env.log)
     with pytest.raises(mitogen_native.core.StreamError) as e:
         mux.attach()
     assert '%s:2: idle_timeout: expected a number of seconds' % mux_env.config in str(e.value)

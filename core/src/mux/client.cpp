@@ -37,10 +37,10 @@ void read_exactly(int fd, char* out, std::size_t n, clock::time_point deadline, 
     if (rc <= 0) continue;
     ssize_t r = ::read(fd, out + got, n - got);
     if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+    // A daemon that is dying (or refusing us) hangs up here: as good as none.
     if (r <= 0)
-      throw stream_error(make_error_code(errc::protocol_error),
-                         "mitogen-mux: the daemon at " + path + " hung up before greeting us" +
-                             (r < 0 ? std::string(": ") + std::strerror(errno) : std::string()));
+      throw std::system_error(r < 0 ? errno : ECONNRESET, std::generic_category(),
+                              "mitogen-mux: the daemon at " + path + " hung up before greeting us");
     got += static_cast<std::size_t>(r);
   }
 }

@@ -68,13 +68,24 @@ std::shared_ptr<daemon> daemon::start(daemon_options opts) {
   // Contexts never talk to each other; only the clients (and we) talk to them.
   d->router_->set_unidirectional(true);
   if (!d->opts_.module_dir.empty()) {
+    struct stat st {};
+    const std::string target = d->opts_.module_dir + "/mitogen_native_target.py";
+    if (::stat(target.c_str(), &st) != 0)
+      spdlog::warn("mitogen-mux: {} does not exist: contexts importing mitogen_native_target will fail (module_dir, "
+                   "${})",
+                   target, module_dir_env);
     // Exactly the module the Ansible plugins call into, and nothing else: a target
     // cannot fish other files out of the controller through us.
     d->responder_ = module_responder::create(
         d->router_, {.search_path = {d->opts_.module_dir}, .allow = {"mitogen_native_target"}});
   }
-  d->registry_ = detail::registry::create(
-      d->router_, {.max_contexts = d->opts_.cfg.max_contexts, .connect_threads = d->opts_.cfg.connect_threads});
+  std::weak_ptr<daemon> weak = d;
+  d->registry_ = detail::registry::create(d->router_, {.max_contexts = d->opts_.cfg.max_contexts,
+                                                       .connect_threads = d->opts_.cfg.connect_threads,
+                                                       .attached = [weak](std::uint32_t id) {
+                                                         auto self = weak.lock();
+                                                         return self && self->is_client(id);
+                                                       }});
   d->listener_ = std::make_shared<detail::listener>(d->broker_->io());
   d->register_handlers();
   try {

@@ -62,7 +62,7 @@ std::size_t work_pool::threads() const {
 // ---------------------------------------------------------------- registry
 
 std::shared_ptr<registry> registry::create(std::shared_ptr<router> r, options opts) {
-  return std::shared_ptr<registry>(new registry(std::move(r), opts));
+  return std::shared_ptr<registry>(new registry(std::move(r), std::move(opts)));
 }
 
 registry::~registry() { pool_.stop(); }
@@ -75,7 +75,8 @@ void registry::connect(connection_stack stack, std::uint32_t client, done_fn don
 void registry::touch_locked(entry& e, std::uint32_t client) {
   e.last_used = clock::now();
   ++e.uses;
-  if (client && e.clients.insert(client).second) client_keys_[client].insert(e.key);
+  if (!client || (opts_.attached && !opts_.attached(client))) return;
+  if (e.clients.insert(client).second) client_keys_[client].insert(e.key);
 }
 
 void registry::step(const std::shared_ptr<request>& rq, std::size_t i, std::optional<context> via) {

@@ -72,6 +72,10 @@ class registry : public std::enable_shared_from_this<registry> {
   struct options {
     std::size_t max_contexts = 1000;
     std::size_t connect_threads = 16;
+    /// Whether client `id` is still attached (a client that detached while its
+    /// connect was under way must not be counted as a user of the context). Called
+    /// with the registry's lock held: it must not call back into the registry.
+    std::function<bool(std::uint32_t)> attached;
   };
 
   static std::shared_ptr<registry> create(std::shared_ptr<router> r, options opts);
@@ -114,7 +118,8 @@ class registry : public std::enable_shared_from_this<registry> {
     done_fn done;
   };
 
-  registry(std::shared_ptr<router> r, options opts) : router_(std::move(r)), opts_(opts), pool_(opts.connect_threads) {}
+  registry(std::shared_ptr<router> r, options opts)
+      : router_(std::move(r)), opts_(std::move(opts)), pool_(opts_.connect_threads) {}
   void step(const std::shared_ptr<request>& rq, std::size_t i, std::optional<context> via);
   void run_connect(const std::shared_ptr<request>& rq, std::size_t i, const std::optional<context>& via,
                    const std::shared_ptr<entry>& e);

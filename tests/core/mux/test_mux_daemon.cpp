@@ -471,3 +471,20 @@ TEST_CASE("mux: private directories", "[mux][daemon]") {
     CHECK(mux::check_private_dir(theirs).find("belongs to uid 65534") != std::string::npos);
   }
 }
+
+TEST_CASE("mux: a client that detaches while its context is connecting does not hold it", "[mux][daemon]") {
+  mux_rig t;
+  auto quitter = t.attach();
+  auto rx = quitter->request(wire::MUX_CONNECT, wire::encode(local_stack()));
+  quitter->detach();  // most likely before the bootstrap ends
+  auto other = t.attach();
+  context ctx = other->connect(local_stack());  // waits for the same attempt
+  other->detach();
+  auto watcher = t.attach();
+  // Nobody uses it any more: it is idle (and so may be evicted).
+  REQUIRE(eventually([&] {
+    auto st = watcher->status();
+    auto* e = entry_of(st, ctx.id());
+    return e && int_field(*e, "clients") == 0;
+  }));
+}

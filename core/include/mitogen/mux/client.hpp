@@ -24,7 +24,8 @@ class client : public std::enable_shared_from_this<client> {
  public:
   /// Connect to the daemon listening at `socket_path` and read its MUX_HELLO (within
   /// `timeout`). Throws std::system_error carrying the errno when nothing accepts
-  /// there (ENOENT, ECONNREFUSED: no daemon; EACCES...), stream_error with
+  /// there (ENOENT, ECONNREFUSED: no daemon; ECONNRESET: it hung up before
+  /// greeting us, as a dying daemon does; EACCES...), stream_error with
   /// protocol_error if the peer is not a mitogen-mux daemon of this version, and
   /// stream_error with connect_timeout if it says nothing in time.
   static std::shared_ptr<client> attach(const std::string& socket_path,
