@@ -432,9 +432,13 @@ def test_become_through_the_daemon_and_no_password_in_ps_or_logs(mux_env, become
             c.connect([{'method': 'local'},
                        {'method': 'sudo', 'sudo_path': become_users['sudo_as_test'],
                         'password': 'wrong-' + password, 'connect_timeout': 30}])
-        # The warm context is reused without its password being asked for again.
-        again = c.connect(stack[:1] + [dict(stack[1], password=None)])
+        # The warm context is reused by whoever gives the same password; without
+        # it the attempt is made, and fails as it would without the daemon.
+        again = c.connect(stack[:1] + [dict(stack[1], connect_timeout=5)])
         assert again.context_id == ctx.context_id
+        with pytest.raises(mitogen_native.core.PasswordError):
+            c.connect(stack[:1] + [dict(stack[1], password=None)])
+        assert c.connect(stack).context_id == ctx.context_id
     finally:
         stop.set()
         watcher.join()

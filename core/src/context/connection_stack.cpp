@@ -1,11 +1,15 @@
 #include "mitogen/context/connection_stack.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <map>
+#include <random>
 #include <set>
+#include <string_view>
 
 namespace mitogen {
 namespace {
@@ -196,6 +200,54 @@ const char* policy_name(host_key_policy p) {
   return "?";
 }
 
+/// SipHash-2-4 of `data` under `k0`/`k1`: a keyed hash, so that a key can tell
+/// passwords apart without holding anything a dictionary attack could use.
+std::uint64_t siphash(std::uint64_t k0, std::uint64_t k1, std::string_view data) {
+  auto rotl = [](std::uint64_t x, int b) { return (x << b) | (x >> (64 - b)); };
+  std::uint64_t v0 = k0 ^ 0x736f6d6570736575ULL, v1 = k1 ^ 0x646f72616e646f6dULL;
+  std::uint64_t v2 = k0 ^ 0x6c7967656e657261ULL, v3 = k1 ^ 0x7465646279746573ULL;
+  auto round = [&] {
+    v0 += v1; v1 = rotl(v1, 13); v1 ^= v0; v0 = rotl(v0, 32);
+    v2 += v3; v3 = rotl(v3, 16); v3 ^= v2;
+    v0 += v3; v3 = rotl(v3, 21); v3 ^= v0;
+    v2 += v1; v1 = rotl(v1, 17); v1 ^= v2; v2 = rotl(v2, 32);
+  };
+  const std::size_t n = data.size();
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    std::uint64_t m = 0;
+    for (int b = 0; b < 8; ++b) m |= static_cast<std::uint64_t>(static_cast<unsigned char>(data[i + b])) << (8 * b);
+    v3 ^= m;
+    round();
+    round();
+    v0 ^= m;
+  }
+  std::uint64_t last = static_cast<std::uint64_t>(n & 0xff) << 56;
+  for (int b = 0; i + b < n; ++b) last |= static_cast<std::uint64_t>(static_cast<unsigned char>(data[i + b])) << (8 * b);
+  v3 ^= last;
+  round();
+  round();
+  v0 ^= last;
+  v2 ^= 0xff;
+  for (int r = 0; r < 4; ++r) round();
+  return v0 ^ v1 ^ v2 ^ v3;
+}
+
+/// 128 bits of a keyed hash of a password, as hex. The key is random, made once per
+/// process: keys compare equal within one daemon, and mean nothing outside it.
+std::string password_tag(const std::string& password) {
+  static const std::array<std::uint64_t, 4> k = [] {
+    std::array<std::uint64_t, 4> out{};
+    std::random_device rd;
+    for (auto& x : out) x = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+    return out;
+  }();
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "%016llx%016llx", static_cast<unsigned long long>(siphash(k[0], k[1], password)),
+                static_cast<unsigned long long>(siphash(k[2], k[3], password)));
+  return buf;
+}
+
 /// Builds a key: fields as "name=<len>:<bytes>;" so that no value can look like
 /// another field or hop.
 class key_builder {
@@ -332,6 +384,11 @@ std::string hop_key(const hop& h) {
       [&](const auto& o) {
         using T = std::decay_t<decltype(o)>;
         k.field("python_path", o.python_path);
+        if constexpr (!std::is_same_v<T, local_options>) {
+          // A context made with one password is not handed to whoever gives another
+          // one, or none: the attempt is made (and fails, as it would without us).
+          if (o.password) k.field("password", password_tag(*o.password));
+        }
         if constexpr (std::is_same_v<T, ssh_options>) {
           k.field("hostname", o.hostname);
           if (o.port) k.field("port", std::to_string(*o.port));

@@ -1,6 +1,7 @@
 #include "mitogen/context/connection_stack.hpp"  // first: the header compiles on its own
 
 #include <catch2/catch.hpp>
+#include <optional>
 
 using namespace mitogen;
 
@@ -97,14 +98,13 @@ TEST_CASE("connection stack: a bad hop is refused naming the hop and the key", "
   CHECK(pw.find("1234567") == std::string::npos);
 }
 
-TEST_CASE("connection stack: the key ignores the password, timeouts and spelling of defaults", "[mux][stack]") {
+TEST_CASE("connection stack: the key ignores timeouts and the spelling of defaults", "[mux][stack]") {
   const auto base = key_of(stack_of({hop_of({{"method", s("ssh")}, {"hostname", s("web1")}, {"identity_file", s("/k")}}),
                                      hop_of({{"method", s("sudo")}})}));
   // The same context, asked for differently.
   CHECK(key_of(stack_of({hop_of({{"method", s("ssh")},
                                  {"hostname", s("web1")},
                                  {"identity_file", wire::list{{s("/k")}}},
-                                 {"password", wire::secret{"a"}},
                                  {"connect_timeout", std::int64_t{3}},
                                  {"keepalive_interval", std::int64_t{9}},
                                  {"check_host_keys", s("enforce")},
@@ -112,7 +112,7 @@ TEST_CASE("connection stack: the key ignores the password, timeouts and spelling
                                  {"name", s("nick")},
                                  {"remote_name", s("rn")},
                                  {"debug", true}}),
-                         hop_of({{"method", s("sudo")}, {"username", s("root")}, {"password", s("b")}}),
+                         hop_of({{"method", s("sudo")}, {"username", s("root")}, {"password", wire::none{}}}),
                          })) == base);
   // Different contexts: every element of the identity counts.
   for (auto other : {
@@ -146,6 +146,26 @@ TEST_CASE("connection stack: the key ignores the password, timeouts and spelling
   auto a = key_of(stack_of({hop_of({{"method", s("ssh")}, {"hostname", s("a;username=1:b;")}})}));
   auto b = key_of(stack_of({hop_of({{"method", s("ssh")}, {"hostname", s("a")}, {"username", s("b")}})}));
   CHECK(a != b);
+}
+
+TEST_CASE("connection stack: another password, or none, is another context", "[mux][stack]") {
+  auto with = [&](std::optional<wire::value> ssh_pw, std::optional<wire::value> sudo_pw) {
+    wire::dict a, b;
+    a.items = {{s("method"), s("ssh")}, {s("hostname"), s("h")}};
+    b.items = {{s("method"), s("sudo")}};
+    if (ssh_pw) a.items.emplace_back(s("password"), *ssh_pw);
+    if (sudo_pw) b.items.emplace_back(s("password"), *sudo_pw);
+    return key_of(stack_of({a, b}));
+  };
+  const auto base = with(wire::secret{"pw1"}, wire::secret{"pw2"});
+  // Secret, str or bytes: the same password.
+  CHECK(with(s("pw1"), wire::bytes{"pw2"}) == base);
+  CHECK(with(wire::secret{"pw1"}, wire::secret{"other"}) != base);
+  CHECK(with(wire::secret{"pw1"}, std::nullopt) != base);
+  CHECK(with(std::nullopt, wire::secret{"pw2"}) != base);
+  CHECK(with(wire::secret{"pw2"}, wire::secret{"pw1"}) != base);
+  CHECK(base.find("pw1") == std::string::npos);
+  CHECK(base.find("pw2") == std::string::npos);
 }
 
 TEST_CASE("connection stack: descriptions never show a password", "[mux][stack]") {

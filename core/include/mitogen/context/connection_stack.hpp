@@ -49,10 +49,13 @@ hop parse_hop(const wire::value& v, std::size_t index = 0);
 
 /// The identity of a hop: what makes two hops reach the same context (method,
 /// host, port, user, identity files, transport, host key policy, interpreter,
-/// become program and flags...). Excludes the password, timeouts, keepalive,
-/// debug, name, remote_name and prompt texts. Defaults are normalised (an
-/// identity_file given as one string or a list of one, a sudo/su/doas user left
-/// unset or "root", check_host_keys unset or 'enforce' give the same key).
+/// become program and flags, and the password as a keyed hash: a context is never
+/// handed to a request with another password or none, which must fail as it would
+/// on a new connection). Excludes timeouts, keepalive, debug, name, remote_name
+/// and prompt texts. Defaults are normalised (an identity_file given as one string
+/// or a list of one, a sudo/su/doas user left unset or "root", check_host_keys
+/// unset or 'enforce' give the same key). Never contains a password; the hash's
+/// key is random per process, so keys are only comparable within one.
 std::string hop_key(const hop& h);
 /// The identity of the first `n` hops of `s` (all if n is larger): hop keys joined
 /// so that no two different stacks share a key.
