@@ -98,6 +98,10 @@ mux::config load_settings() {
 
 void setup_logging(const mux::config& cfg, bool to_stderr) {
   const std::string path = cfg.log_file.empty() ? mux::default_log_path() : cfg.log_file;
+  // Ours alone to read, whatever the umask (spdlog would create it 0666 & ~umask).
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) throw std::runtime_error(path + ": " + std::strerror(errno));
+  ::close(fd);
   std::vector<spdlog::sink_ptr> sinks;
   sinks.push_back(std::make_shared<spdlog::sinks::rotating_file_sink_mt>(path, 10u << 20, 3));
   if (to_stderr) sinks.push_back(std::make_shared<spdlog::sinks::stderr_sink_mt>());
@@ -149,7 +153,8 @@ int serve(const args& a) {
     std::cerr << "mitogen-mux: refusing to use " << a.socket << ": " << why << "\n";
     return exit_error;
   }
-  ::umask(077);
+  // No umask of our own: local contexts inherit it, as a worker's commands would
+  // (the socket, lock and log are made private one by one).
   std::unique_ptr<mux::instance_lock> lock;
   try {
     lock = mux::instance_lock::try_acquire(mux::lock_path(a.socket));

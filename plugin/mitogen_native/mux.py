@@ -223,7 +223,10 @@ class Client(object):
         :raises mitogen_native.core.ChannelError: the daemon went away.
         :raises ValueError: `stack` is not a usable connection stack.
         """
-        return self._current().connect(wire_stack(stack), timeout)
+        # Our ssh agent, not the one the daemon inherited from whoever started it.
+        request = {'stack': wire_stack(stack),
+                   'env': {'SSH_AUTH_SOCK': os.environ.get('SSH_AUTH_SOCK') or None}}
+        return self._current().connect(request, timeout)
 
     def reset(self, stack, timeout=None):
         """Shut down the context of `stack` and every context started through

@@ -46,6 +46,11 @@ def test_attach_starts_the_daemon_and_runs_calls(mux_env):
         agent = ctx.call(os.getpid)
         assert agent not in (os.getpid(), c.daemon_pid)
         assert ctx.call(str.upper, 'hello') == 'HELLO'
+        # It keeps the umask of the process that started the daemon (ours).
+        mine = os.umask(0o022)
+        os.umask(mine)
+        assert ctx.call(os.umask, mine) == mine
+        assert os.stat(mux_env.socket).st_mode & 0o777 == 0o600
         rx = ctx.call_async(os.getppid)
         assert rx.get(timeout=30) == c.daemon_pid  # the daemon is its parent
         with pytest.raises(mitogen_native.core.CallError, match='ZeroDivisionError'):
@@ -401,6 +406,43 @@ def test_ssh_failures_keep_their_kind(mux_env, sshd):
         assert 'wrong-password-1234' not in mux_env.read_log()
     finally:
         c.detach()
+
+
+AGENT_CLIENT = '''
+import os, sys
+from mitogen_native import mux
+import mitogen_native.core
+c = mux.attach()
+try:
+    print(c.connect(%r).call(os.getuid))
+except mitogen_native.core.StreamError as e:
+    print('failed', str(e).replace(' ', '_'))
+c.detach()
+'''
+
+
+def test_each_client_brings_its_own_ssh_agent(mux_env, sshd, tmp_path):
+    import pwd
+    out = subprocess.run(['ssh-agent', '-s'], capture_output=True, text=True, check=True).stdout
+    agent = dict(line.split(';', 1)[0].split('=', 1) for line in out.splitlines()
+                 if '=' in line.split(';', 1)[0])
+    with_agent = dict(mux_env.env(), **agent)
+    without = dict(mux_env.env())
+    without.pop('SSH_AUTH_SOCK', None)
+    try:
+        subprocess.run(['ssh-add', '-q', sshd['identity_file']], env=with_agent, check=True,
+                       capture_output=True)
+        # Only the agent has a key: the one named does not exist.
+        stack = [ssh_hop(sshd, identity_file=str(tmp_path / 'no-such-key'))]
+        # The daemon starts in a process that has the agent...
+        run_python('from mitogen_native import mux; mux.attach().detach()', with_agent)
+        # ...but a client without one does not get to use it.
+        failed = run_python(AGENT_CLIENT % (stack,), without)
+        assert failed[0] == 'failed' and 'auth' in failed[1].lower(), failed
+        ok = run_python(AGENT_CLIENT % (stack,), with_agent)
+        assert ok == [str(pwd.getpwnam(sshd['user']).pw_uid)]
+    finally:
+        subprocess.run(['ssh-agent', '-k'], env=with_agent, capture_output=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason='needs root to create its users')

@@ -441,11 +441,12 @@ awaitable<bool> ssh_session::authenticate() {
   std::vector<std::string> tried;
 
   if (offers("publickey")) {
-    const char* sock = std::getenv("SSH_AUTH_SOCK");
+    const char* sock = t_.agent_socket ? t_.agent_socket->c_str() : std::getenv("SSH_AUTH_SOCK");
     if (t_.use_agent && sock && *sock) {
       // The agent speaks over a blocking local UNIX socket: connect, listing and each
       // signature block the broker thread briefly (a local round trip each).
       agent_ = libssh2_agent_init(session_);
+      if (agent_ && t_.agent_socket) libssh2_agent_set_identity_path(agent_, sock);
       if (agent_ && libssh2_agent_connect(agent_) == 0 && libssh2_agent_list_identities(agent_) == 0) {
         struct libssh2_agent_publickey* id = nullptr;
         struct libssh2_agent_publickey* prev = nullptr;

@@ -50,11 +50,48 @@ std::int64_t rss_kib() {
   return resident * (::sysconf(_SC_PAGESIZE) / 1024);
 }
 
-/// Decode and parse a request's connection stack; throws stack_error.
+/// The client's environment, as far as connecting depends on it: its ssh agent.
+/// `env` maps names to str or None (None: unset in the client).
+void apply_client_env(connection_stack& stack, const wire::dict& env) {
+  for (auto& [k, v] : env.items) {
+    if (!k.is<wire::str>() || k.as<wire::str>().utf8 != "SSH_AUTH_SOCK") continue;
+    if (!v.is<wire::str>() && !v.is<wire::none>()) throw stack_error("env: SSH_AUTH_SOCK must be a str or None");
+    const std::string sock = v.is<wire::str>() ? v.as<wire::str>().utf8 : "";
+    for (auto& h : stack) {
+      if (auto* o = std::get_if<ssh_options>(&h.options)) {
+        // The client's agent, or none if it has none: never the one the daemon
+        // inherited from whichever worker started it.
+        if (sock.empty())
+          o->use_agent = false;
+        else
+          o->agent_socket = sock;
+      }
+    }
+  }
+}
+
+/// Decode and parse a request's connection stack: a list of hops, or
+/// `{'stack': [...], 'env': {...}}`. Throws stack_error.
 connection_stack stack_of(const wire::message& m) {
   auto r = wire::decode(m.data);
   if (!r) throw stack_error("undecodable request: " + r.ec.message());
-  return parse_connection_stack(r.v);
+  if (!r.v.is<wire::dict>()) return parse_connection_stack(r.v);
+  const wire::value* stack = nullptr;
+  const wire::value* env = nullptr;
+  for (auto& [k, v] : r.v.as<wire::dict>().items) {
+    if (!k.is<wire::str>()) throw stack_error("request keys must be strings");
+    const auto& key = k.as<wire::str>().utf8;
+    if (key == "stack") stack = &v;
+    else if (key == "env") env = &v;
+    else throw stack_error("unknown request key '" + key + "' (stack, env)");
+  }
+  if (!stack) throw stack_error("request without a stack");
+  auto parsed = parse_connection_stack(*stack);
+  if (env && !env->is<wire::none>()) {
+    if (!env->is<wire::dict>()) throw stack_error("env: expected a dict");
+    apply_client_env(parsed, env->as<wire::dict>());
+  }
+  return parsed;
 }
 
 }  // namespace
@@ -114,12 +151,9 @@ void daemon::listen() {
   boost::system::error_code ec;
   boost::asio::local::stream_protocol::endpoint ep(path);
   acc.open(ep.protocol(), ec);
-  if (!ec) {
-    // The directory is private already; the socket is too, in case it is moved.
-    const mode_t old = ::umask(077);
-    acc.bind(ep, ec);
-    ::umask(old);
-  }
+  if (!ec) acc.bind(ep, ec);
+  // The directory is private already; the socket is too, in case it is moved.
+  if (!ec && ::chmod(path.c_str(), 0600) != 0) ec.assign(errno, boost::system::system_category());
   if (!ec) acc.listen(128, ec);
   if (ec) throw error("mitogen-mux: cannot listen on " + path + ": " + ec.message());
   if (::lstat(path.c_str(), &st) == 0) {
