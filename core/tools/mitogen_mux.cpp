@@ -122,6 +122,12 @@ int run_daemon(const std::string& socket, const mux::config& cfg, const std::fun
   for (int s : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&set, s);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 
+  // Local contexts start where we are: not "/" (an interpreter started there by
+  // a name without a slash, as ours are, finds its prefix as /lib/python3.X, not
+  // /usr/lib/...), nor wherever the first worker happened to be (kept busy for as
+  // long as we live): our own private directory.
+  const std::string dir = fs::path(socket).parent_path().string();
+  if (!dir.empty() && ::chdir(dir.c_str()) != 0) spdlog::warn("mitogen-mux: cannot chdir to {}", dir);
   std::shared_ptr<mux::daemon> d;
   try {
     d = mux::daemon::start({.socket_path = socket, .cfg = cfg, .module_dir = module_dir(cfg)});
@@ -208,7 +214,6 @@ int serve(const args& a) {
   }
   ::close(p[0]);
   ::setsid();
-  if (::chdir("/") != 0) { /* nothing depends on the working directory */ }
   int null = ::open("/dev/null", O_RDWR);
   if (null >= 0) {
     for (int fd = 0; fd < 3; ++fd) ::dup2(null, fd);

@@ -164,6 +164,20 @@ def wire_stack(stack):
     return out
 
 
+def _request(stack):
+    """What MUX_CONNECT and MUX_RESET carry: the stack, and what of this
+    process's environment the daemon must use for it (docs/protocol.md)."""
+    request = {'stack': wire_stack(stack),
+               # Our ssh agent, not the one the daemon inherited from whoever
+               # started it.
+               'env': {'SSH_AUTH_SOCK': os.environ.get('SSH_AUTH_SOCK') or None}}
+    if request['stack'] and request['stack'][0].get('method') == 'local':
+        # A local context sees our environment, as our own children would
+        # (another environment: another context).
+        request['environ'] = [k + b'=' + v for k, v in os.environb.items()]
+    return request
+
+
 class Client(object):
     """An attachment to the daemon (see :func:`attach`). Thread-safe.
 
@@ -223,15 +237,12 @@ class Client(object):
         :raises mitogen_native.core.ChannelError: the daemon went away.
         :raises ValueError: `stack` is not a usable connection stack.
         """
-        # Our ssh agent, not the one the daemon inherited from whoever started it.
-        request = {'stack': wire_stack(stack),
-                   'env': {'SSH_AUTH_SOCK': os.environ.get('SSH_AUTH_SOCK') or None}}
-        return self._current().connect(request, timeout)
+        return self._current().connect(_request(stack), timeout)
 
     def reset(self, stack, timeout=None):
         """Shut down the context of `stack` and every context started through
         it; the next :meth:`connect` makes new ones. Returns how many."""
-        return self._current().reset(wire_stack(stack), timeout)
+        return self._current().reset(_request(stack), timeout)
 
     def status(self, timeout=None):
         """The daemon's state: a dict with ``pid``, ``clients``, ``rss_kib``,

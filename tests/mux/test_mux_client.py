@@ -65,6 +65,29 @@ def test_attach_starts_the_daemon_and_runs_calls(mux_env):
         c.detach()
 
 
+ENV_CLIENT = '''
+import os, sysconfig
+from mitogen_native import mux
+c = mux.attach()
+ctx = c.connect([{'method': 'local'}])
+print(ctx.context_id, ctx.call(os.getenv, 'MUX_TEST_VAR'), ctx.call(sysconfig.get_path, 'stdlib'))
+c.detach()
+'''
+
+
+def test_a_local_context_has_its_clients_environment(mux_env):
+    import sysconfig
+    a1 = run_python(ENV_CLIENT, dict(mux_env.env(), MUX_TEST_VAR='a'))
+    a2 = run_python(ENV_CLIENT, dict(mux_env.env(), MUX_TEST_VAR='a'))
+    b = run_python(ENV_CLIENT, dict(mux_env.env(), MUX_TEST_VAR='b'))
+    assert a1 == a2  # same environment: the same context
+    assert a1[1] == 'a' and b[1] == 'b'
+    assert b[0] != a1[0]
+    # Its interpreter finds its standard library where ours is (the daemon does
+    # not run it from "/").
+    assert a1[2] == b[2] == sysconfig.get_path('stdlib')
+
+
 def test_a_second_process_reuses_the_warm_context(mux_env):
     first = run_python(CLIENT % (LOCAL,), mux_env.env())
     second = run_python(CLIENT % (LOCAL,), mux_env.env())

@@ -233,9 +233,10 @@ std::uint64_t siphash(std::uint64_t k0, std::uint64_t k1, std::string_view data)
   return v0 ^ v1 ^ v2 ^ v3;
 }
 
-/// 128 bits of a keyed hash of a password, as hex. The key is random, made once per
-/// process: keys compare equal within one daemon, and mean nothing outside it.
-std::string password_tag(const std::string& password) {
+/// 128 bits of a keyed hash of a secret (a password, an environment), as hex. The
+/// key is random, made once per process: tags compare equal within one daemon,
+/// and mean nothing outside it.
+std::string secret_tag(const std::string& password) {
   static const std::array<std::uint64_t, 4> k = [] {
     std::array<std::uint64_t, 4> out{};
     std::random_device rd;
@@ -387,7 +388,14 @@ std::string hop_key(const hop& h) {
         if constexpr (!std::is_same_v<T, local_options>) {
           // A context made with one password is not handed to whoever gives another
           // one, or none: the attempt is made (and fails, as it would without us).
-          if (o.password) k.field("password", password_tag(*o.password));
+          if (o.password) k.field("password", secret_tag(*o.password));
+        } else if (o.environment) {
+          // Another environment is another context (its programs would see it).
+          std::vector<std::string> env = *o.environment;
+          std::sort(env.begin(), env.end());
+          std::string joined;
+          for (const auto& e : env) joined.append(e).push_back('\0');
+          k.field("environment", secret_tag(joined));
         }
         if constexpr (std::is_same_v<T, ssh_options>) {
           k.field("hostname", o.hostname);

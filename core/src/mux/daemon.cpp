@@ -50,6 +50,24 @@ std::int64_t rss_kib() {
   return resident * (::sysconf(_SC_PAGESIZE) / 1024);
 }
 
+/// A local context started for a client gets the client's environment (as the
+/// commands of a worker's stock local connection would): `environ` is a list of
+/// "NAME=value" bytes or str.
+void apply_client_environ(connection_stack& stack, const wire::value& environ) {
+  if (!environ.is<wire::list>()) throw stack_error("environ: expected a list of NAME=value entries");
+  std::vector<std::string> env;
+  for (const auto& e : environ.as<wire::list>().items) {
+    std::string entry;
+    if (e.is<wire::bytes>()) entry = e.as<wire::bytes>().data;
+    else if (e.is<wire::str>()) entry = e.as<wire::str>().utf8;
+    else throw stack_error("environ: expected NAME=value entries, got " + wire::describe(e));
+    if (entry.find('=') == std::string::npos || entry.find('\0') != std::string::npos)
+      throw stack_error("environ: an entry is not NAME=value");
+    env.push_back(std::move(entry));
+  }
+  if (auto* o = std::get_if<local_options>(&stack.front().options)) o->environment = std::move(env);
+}
+
 /// The client's environment, as far as connecting depends on it: its ssh agent.
 /// `env` maps names to str or None (None: unset in the client).
 void apply_client_env(connection_stack& stack, const wire::dict& env) {
@@ -78,12 +96,14 @@ connection_stack stack_of(const wire::message& m) {
   if (!r.v.is<wire::dict>()) return parse_connection_stack(r.v);
   const wire::value* stack = nullptr;
   const wire::value* env = nullptr;
+  const wire::value* environ = nullptr;
   for (auto& [k, v] : r.v.as<wire::dict>().items) {
     if (!k.is<wire::str>()) throw stack_error("request keys must be strings");
     const auto& key = k.as<wire::str>().utf8;
     if (key == "stack") stack = &v;
     else if (key == "env") env = &v;
-    else throw stack_error("unknown request key '" + key + "' (stack, env)");
+    else if (key == "environ") environ = &v;
+    else throw stack_error("unknown request key '" + key + "' (stack, env, environ)");
   }
   if (!stack) throw stack_error("request without a stack");
   auto parsed = parse_connection_stack(*stack);
@@ -91,6 +111,7 @@ connection_stack stack_of(const wire::message& m) {
     if (!env->is<wire::dict>()) throw stack_error("env: expected a dict");
     apply_client_env(parsed, env->as<wire::dict>());
   }
+  if (environ && !environ->is<wire::none>()) apply_client_environ(parsed, *environ);
   return parsed;
 }
 

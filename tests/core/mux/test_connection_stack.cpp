@@ -168,6 +168,20 @@ TEST_CASE("connection stack: another password, or none, is another context", "[m
   CHECK(base.find("pw2") == std::string::npos);
 }
 
+TEST_CASE("connection stack: a local context's environment is part of its identity", "[mux][stack]") {
+  auto st = parse_connection_stack(stack_of({hop_of({{"method", s("local")}})}));
+  const auto none = stack_key(st);
+  auto with = [&](std::vector<std::string> env) {
+    auto copy = st;
+    std::get<local_options>(copy[0].options).environment = std::move(env);
+    return stack_key(copy);
+  };
+  CHECK(with({"A=1", "B=2"}) == with({"B=2", "A=1"}));
+  CHECK(with({"A=1", "B=2"}) != with({"A=1", "B=3"}));
+  CHECK(with({"A=1"}) != none);
+  CHECK(with({"SECRET=hunter2"}).find("hunter2") == std::string::npos);
+}
+
 TEST_CASE("connection stack: descriptions never show a password", "[mux][stack]") {
   auto st = parse_connection_stack(
       stack_of({hop_of({{"method", s("ssh")}, {"hostname", s("h")}, {"password", wire::secret{"s3cr3t-pw"}}}),
