@@ -50,6 +50,8 @@ constexpr int exit_config = 2;
 constexpr int exit_running = 3;      ///< serve: another daemon holds the lock
 constexpr int exit_not_running = 4;  ///< status: no daemon
 
+std::string install_dir();
+
 void usage(std::ostream& o) {
   o << "usage: mitogen-mux serve [--detach] [--socket PATH]\n"
        "       mitogen-mux status [--json] [--socket PATH]\n"
@@ -59,7 +61,7 @@ void usage(std::ostream& o) {
        "The multiplexer daemon of mitogen-native: keeps the contexts (connections and\n"
        "remote agents) of this user for the Ansible plugins. Settings: $"
     << mux::config_env << " or " << mux::default_config_path()
-    << ".\nSocket: $" << mux::socket_env << " or " << mux::default_socket_path()
+    << ".\nSocket: $" << mux::socket_env << " or " << mux::default_socket_path(install_dir())
     << ".\n"
        "Exit status: 0 ok, 1 error, 2 bad settings file, 3 (serve) already running,\n"
        "4 (status) not running.\n";
@@ -72,22 +74,26 @@ struct args {
   bool json = false;
 };
 
-/// Where mitogen_native_target.py is: $MITOGEN_MUX_MODULE_DIR, the settings file,
-/// next to the package this binary came with (<dir>/mitogen_native/bin/mitogen-mux),
-/// or the directory the build installed the package into.
-std::string module_dir(const mux::config& cfg) {
-  if (const char* e = std::getenv(mux::module_dir_env); e && *e) return e;
-  if (!cfg.module_dir.empty()) return cfg.module_dir;
+/// The installation this program belongs to: the directory holding the
+/// mitogen_native package it sits in (<dir>/mitogen_native/bin/mitogen-mux), else
+/// the one the build installs the package into.
+std::string install_dir() {
   std::error_code ec;
   fs::path exe = fs::read_symlink("/proc/self/exe", ec);
   if (!ec) {
     fs::path dir = exe.parent_path();  // .../mitogen_native/bin
-    if (dir.filename() == "bin" && dir.parent_path().filename() == "mitogen_native") {
-      fs::path site = dir.parent_path().parent_path();
-      if (fs::exists(site / "mitogen_native_target.py", ec)) return site.string();
-    }
+    if (dir.filename() == "bin" && dir.parent_path().filename() == "mitogen_native")
+      return dir.parent_path().parent_path().string();
   }
   return MITOGEN_MUX_DEFAULT_MODULE_DIR;
+}
+
+/// Where mitogen_native_target.py is: $MITOGEN_MUX_MODULE_DIR, the settings file,
+/// else beside the package (install_dir()).
+std::string module_dir(const mux::config& cfg) {
+  if (const char* e = std::getenv(mux::module_dir_env); e && *e) return e;
+  if (!cfg.module_dir.empty()) return cfg.module_dir;
+  return install_dir();
 }
 
 mux::config load_settings() {
@@ -114,7 +120,8 @@ void setup_logging(const mux::config& cfg, bool to_stderr) {
 
 /// Runs the daemon until it is asked to stop (MUX_STOP, idle timeout, a signal).
 /// `ready` is called once it listens, with "" or the reason it could not start.
-int run_daemon(const std::string& socket, const mux::config& cfg, const std::function<void(const std::string&)>& ready) {
+int run_daemon(const std::string& socket, const mux::config& cfg, std::shared_ptr<mux::instance_lock> lock,
+               const std::function<void(const std::string&)>& ready) {
   // Signals are taken by sigtimedwait below, never by a handler: every thread the
   // daemon starts inherits this mask.
   sigset_t set;
@@ -130,7 +137,8 @@ int run_daemon(const std::string& socket, const mux::config& cfg, const std::fun
   if (!dir.empty() && ::chdir(dir.c_str()) != 0) spdlog::warn("mitogen-mux: cannot chdir to {}", dir);
   std::shared_ptr<mux::daemon> d;
   try {
-    d = mux::daemon::start({.socket_path = socket, .cfg = cfg, .module_dir = module_dir(cfg)});
+    d = mux::daemon::start(
+        {.socket_path = socket, .cfg = cfg, .module_dir = module_dir(cfg), .lock = std::move(lock)});
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
     ready(e.what());
@@ -178,7 +186,7 @@ int serve(const args& a) {
     std::cerr << "mitogen-mux: cannot open the log file: " << e.what() << "\n";
     return exit_error;
   }
-  if (!a.detach) return run_daemon(a.socket, cfg, [](const std::string&) {});
+  if (!a.detach) return run_daemon(a.socket, cfg, std::move(lock), [](const std::string&) {});
 
   // Detached: the child becomes the daemon (it inherits the lock); we exit once it
   // listens, so whoever started us can attach as soon as we return.
@@ -220,13 +228,11 @@ int serve(const args& a) {
     if (null > 2) ::close(null);
   }
   lock->update_pid();
-  int rc = run_daemon(a.socket, cfg, [&](const std::string& err) {
+  return run_daemon(a.socket, cfg, std::move(lock), [&](const std::string& err) {
     std::string msg = err.empty() ? "R" : "E" + err;
     (void)!::write(p[1], msg.data(), msg.size());
     ::close(p[1]);
   });
-  lock.reset();
-  return rc;
 }
 
 // --- status -----------------------------------------------------------------------
@@ -408,7 +414,7 @@ int main(int argc, char** argv) {
       return exit_error;
     }
   }
-  if (a.socket.empty()) a.socket = mux::default_socket_path();
+  if (a.socket.empty()) a.socket = mux::default_socket_path(install_dir());
   try {
     if (a.command == "serve") return serve(a);
     if (a.command == "status") return status(a);

@@ -51,14 +51,25 @@ _EXIT_RUNNING = 3
 _NO_DAEMON = (errno.ENOENT, errno.ECONNREFUSED, errno.ECONNRESET)
 
 
+def install_tag():
+    """Eight hex digits naming this installation (the directory holding the
+    mitogen_native package): FNV-1a of its real path, as ``mitogen-mux``
+    computes it for itself."""
+    site = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+    h = 0x811c9dc5
+    for b in os.fsencode(site):
+        h = ((h ^ b) * 0x01000193) & 0xffffffff
+    return '%08x' % h
+
+
 def socket_path():
-    """``$MITOGEN_MUX_SOCKET``, else ``mux.sock`` in the private directory
-    ``$TMPDIR/mitogen-<uid>`` (created 0700 if missing; refused if it is not
-    ours and private)."""
+    """``$MITOGEN_MUX_SOCKET``, else ``mux-<install_tag()>.sock`` in the private
+    directory ``$TMPDIR/mitogen-<uid>`` (created 0700 if missing; refused if it
+    is not ours and private): one daemon per user and installation."""
     path = os.environ.get(SOCKET_ENV)
     if path:
         return path
-    return os.path.join(core.private_tmp_dir(), 'mux.sock')
+    return os.path.join(core.private_tmp_dir(), 'mux-%s.sock' % install_tag())
 
 
 def find_binary():

@@ -345,6 +345,37 @@ def test_the_daemon_serves_mitogen_native_target_and_nothing_else(mux_env, monke
         sys.modules.pop('not_served', None)
 
 
+def test_a_rebuilt_module_retires_the_daemon(mux_env, monkeypatch, tmp_path):
+    target = tmp_path / 'mitogen_native_target.py'
+    target.write_text(TARGET_MODULE)
+    monkeypatch.setenv('MITOGEN_MUX_MODULE_DIR', str(tmp_path))
+    old = mux.attach()
+    try:
+        ctx = old.connect(LOCAL)
+        old_daemon = old.daemon_pid
+        target.write_text(TARGET_MODULE + '\n# rebuilt\n')
+        os.utime(str(target), ns=(1, 1))  # whatever the clock's resolution
+        new = mux.attach()
+        try:
+            # A new daemon serves the next client; the old one its own clients.
+            assert new.daemon_pid != old_daemon
+            assert new.connect(LOCAL).call(os.getpid) != ctx.call(os.getpid)
+            assert pid_alive(old_daemon)
+        finally:
+            new.detach()
+    finally:
+        old.detach()
+    wait_for(lambda: not pid_alive(old_daemon), what='the retired daemon to exit')
+    assert 'retiring' in mux_env.read_log()
+
+
+def test_the_program_and_the_client_agree_on_the_socket(monkeypatch):
+    monkeypatch.delenv(mux.SOCKET_ENV, raising=False)
+    out = subprocess.run([mux.find_binary(), 'path'], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == mux.socket_path()
+    assert os.path.basename(mux.socket_path()) == 'mux-%s.sock' % mux.install_tag()
+
+
 # -- another user ----------------------------------------------------------------
 
 PEER = '''

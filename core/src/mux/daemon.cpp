@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <string_view>
 
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -128,6 +129,7 @@ std::shared_ptr<daemon> daemon::start(daemon_options opts) {
   if (!d->opts_.module_dir.empty()) {
     struct stat st {};
     const std::string target = d->opts_.module_dir + "/mitogen_native_target.py";
+    d->module_id_ = identify(target);
     if (::stat(target.c_str(), &st) != 0)
       spdlog::warn("mitogen-mux: {} does not exist: contexts importing mitogen_native_target will fail (module_dir, "
                    "${})",
@@ -243,7 +245,56 @@ bool daemon::is_client(std::uint32_t id) const {
   return clients_.count(id) > 0;
 }
 
+daemon::file_id daemon::identify(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return {};
+  return {st.st_dev, st.st_ino, static_cast<std::int64_t>(st.st_size),
+          static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec};
+}
+
+std::string daemon::staleness() const {
+  // Replaced by a rebuild or an upgrade: the kernel says so of our own program.
+  char exe[4096];
+  ssize_t n = ::readlink("/proc/self/exe", exe, sizeof exe - 1);
+  if (n > 0) {
+    std::string_view e(exe, static_cast<std::size_t>(n));
+    if (e.size() > 10 && e.substr(e.size() - 10) == " (deleted)") return "its program was replaced";
+  }
+  // The module we serve changed: contexts would get the old one from our cache.
+  if (!opts_.module_dir.empty() && identify(opts_.module_dir + "/mitogen_native_target.py") != module_id_)
+    return opts_.module_dir + "/mitogen_native_target.py changed";
+  return "";
+}
+
+void daemon::retire(const std::string& why) {
+  if (retired_.exchange(true)) return;
+  std::size_t left = clients();
+  spdlog::info("mitogen-mux: retiring ({}): a new daemon takes the socket; serving the {} attached client(s) "
+               "until they detach",
+               why, left);
+  auto& l = *listener_;
+  l.closed = true;
+  boost::system::error_code ig;
+  l.acceptor.close(ig);
+  l.idle.cancel();
+  struct stat st {};
+  if (l.ino && ::lstat(opts_.socket_path.c_str(), &st) == 0 && st.st_dev == l.dev && st.st_ino == l.ino)
+    ::unlink(opts_.socket_path.c_str());
+  opts_.lock.reset();
+  if (left == 0) request_stop("retired, and no client is attached");
+}
+
+bool daemon::retired() const { return retired_.load(); }
+
 void daemon::admit(int fd) {
+  if (!retired_) {
+    if (auto why = staleness(); !why.empty()) retire(why);
+  }
+  if (retired_) {
+    // This client goes to the next daemon: it sees us hang up before greeting it.
+    ::close(fd);
+    return;
+  }
   ucred cred{};
   socklen_t len = sizeof cred;
   if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
@@ -321,6 +372,7 @@ void daemon::on_client_gone(std::uint32_t id) {
   }
   spdlog::debug("mitogen-mux: client {} detached ({} left)", id, left);
   registry_->client_gone(id);
+  if (left == 0 && retired_) return request_stop("retired, and the last client detached");
   if (left == 0) arm_idle();
 }
 
@@ -401,6 +453,7 @@ void daemon::on_status(wire::message&& m) {
   put("max_contexts", static_cast<std::int64_t>(opts_.cfg.max_contexts));
   put("module_dir", wire::str{opts_.module_dir});
   put("clients", static_cast<std::int64_t>(clients()));
+  put("retired", retired_.load());
   put("rss_kib", rss_kib());
   put("contexts", registry_->status());
   reply(m, wire::encode(wire::value(std::move(d))));
@@ -459,6 +512,7 @@ void daemon::shutdown() {
   }
   if (registry_) registry_->shutdown();
   responder_.reset();
+  opts_.lock.reset();  // last: a new daemon may start once our contexts are gone
   spdlog::info("mitogen-mux: stopped");
 }
 

@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -21,9 +22,20 @@ std::string private_dir() {
   return base + "/mitogen-" + std::to_string(::geteuid());
 }
 
-std::string default_socket_path() {
+std::string install_tag(const std::string& install_dir) {
+  char* real = ::realpath(install_dir.c_str(), nullptr);
+  std::string path = real ? real : install_dir;
+  std::free(real);
+  std::uint32_t h = 0x811c9dc5u;
+  for (unsigned char c : path) h = (h ^ c) * 0x01000193u;
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%08x", h);
+  return buf;
+}
+
+std::string default_socket_path(const std::string& install_dir) {
   if (const char* s = std::getenv(socket_env); s && *s) return s;
-  return private_dir() + "/mux.sock";
+  return private_dir() + "/mux-" + install_tag(install_dir) + ".sock";
 }
 
 std::string lock_path(const std::string& socket_path) { return socket_path + ".lock"; }

@@ -38,14 +38,17 @@ struct temp_dir {
 struct mux_rig {
   temp_dir dir;
   std::string sock = dir.path + "/mux.sock";
-  std::unique_ptr<mux::instance_lock> lock;
   std::shared_ptr<mux::daemon> d;
 
-  explicit mux_rig(mux::config cfg = {}, std::chrono::milliseconds first_client_grace = std::chrono::seconds(60)) {
-    lock = mux::instance_lock::try_acquire(mux::lock_path(sock));
+  explicit mux_rig(mux::config cfg = {}, std::chrono::milliseconds first_client_grace = std::chrono::seconds(60),
+                   std::string module_dir = "") {
+    std::shared_ptr<mux::instance_lock> lock = mux::instance_lock::try_acquire(mux::lock_path(sock));
     REQUIRE(lock);
-    d = mux::daemon::start(
-        {.socket_path = sock, .cfg = cfg, .module_dir = "", .first_client_grace = first_client_grace});
+    d = mux::daemon::start({.socket_path = sock,
+                            .cfg = cfg,
+                            .module_dir = std::move(module_dir),
+                            .first_client_grace = first_client_grace,
+                            .lock = std::move(lock)});
   }
   ~mux_rig() {
     if (d) d->shutdown();

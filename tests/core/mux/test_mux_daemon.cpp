@@ -419,9 +419,9 @@ TEST_CASE("mux: a stale socket is replaced, anything else is refused", "[mux][da
     REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0);
     ::close(fd);
   }
-  auto lock = mux::instance_lock::try_acquire(mux::lock_path(sock));
+  std::shared_ptr<mux::instance_lock> lock = mux::instance_lock::try_acquire(mux::lock_path(sock));
   REQUIRE(lock);
-  auto d = mux::daemon::start({.socket_path = sock, .cfg = {}, .module_dir = ""});
+  auto d = mux::daemon::start({.socket_path = sock, .cfg = {}, .module_dir = "", .lock = std::move(lock)});
   auto c = mux::client::attach(sock);
   CHECK(c->daemon_pid() == ::getpid());
   c->detach();
@@ -487,4 +487,27 @@ TEST_CASE("mux: a client that detaches while its context is connecting does not 
     auto* e = entry_of(st, ctx.id());
     return e && int_field(*e, "clients") == 0;
   }));
+}
+
+TEST_CASE("mux: a daemon whose module changed retires: new clients go to the next one", "[mux][daemon]") {
+  test::temp_dir mods;
+  const std::string target = mods.path + "/mitogen_native_target.py";
+  { std::ofstream(target) << "def version():\n    return 1\n"; }
+  mux_rig t({}, std::chrono::seconds(60), mods.path);
+  auto old_client = t.attach();
+  context ctx = old_client->connect(local_stack());
+  // The build (or an upgrade) replaces the module.
+  ::unlink(target.c_str());
+  { std::ofstream(target) << "def version():\n    return 2\n"; }
+  // The next client is turned away, and the socket and lock are free for a new daemon.
+  CHECK_THROWS_AS(t.attach(), std::system_error);
+  CHECK(t.d->retired());
+  struct stat st {};
+  CHECK(::lstat(t.sock.c_str(), &st) != 0);
+  CHECK(mux::instance_lock::try_acquire(mux::lock_path(t.sock)));
+  // The attached client is still served; once it leaves, the old daemon ends.
+  CHECK(pid_of(ctx) > 0);
+  CHECK_FALSE(t.d->wait_stop_requested(0ms));
+  old_client->detach();
+  CHECK(t.d->wait_stop_requested(20s));
 }

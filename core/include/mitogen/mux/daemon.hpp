@@ -3,6 +3,9 @@
 /// Router that own every context of one controller user, shared by the clients
 /// (Ansible workers) that attach over a UNIX socket. docs/ansible.md, "The
 /// multiplexer daemon"; the messages are in docs/protocol.md.
+#include <sys/types.h>
+
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -13,6 +16,7 @@
 
 #include "mitogen/io/broker.hpp"
 #include "mitogen/mux/config.hpp"
+#include "mitogen/mux/paths.hpp"
 #include "mitogen/routing/router.hpp"
 
 namespace mitogen {
@@ -39,6 +43,8 @@ struct daemon_options {
   /// Before the first client, wait this long at least (a daemon nobody attaches to
   /// still ends, even with idle_timeout 0).
   std::chrono::milliseconds first_client_grace{10000};
+  /// The instance lock of socket_path, held until the daemon retires or shuts down.
+  std::shared_ptr<instance_lock> lock;
 };
 
 /// Owned by shared_ptr. start() returns it listening; it runs on its broker thread
@@ -61,6 +67,11 @@ class daemon : public std::enable_shared_from_this<daemon> {
   /// router's grace period), join the broker and the connect threads. Blocks; any
   /// thread but the daemon's own; idempotent.
   void shutdown();
+
+  /// True once the daemon retired: its program or the module it serves was
+  /// replaced (rebuilt, upgraded), so it let go of its socket and lock for a new
+  /// daemon to take, and serves only the clients still attached, then ends.
+  bool retired() const;
 
   /// Clients attached now.
   std::size_t clients() const;
@@ -87,6 +98,21 @@ class daemon : public std::enable_shared_from_this<daemon> {
   void on_stop(wire::message&& m);                 // broker thread
   void reply(const wire::message& to, std::string payload);
   void register_handlers();
+  /// Why this daemon is out of date ("" if it is not). Broker thread.
+  std::string staleness() const;
+  /// Close the listener, remove our socket, release the lock. Broker thread.
+  void retire(const std::string& why);
+
+  /// What the daemon was started from, to notice when it is replaced.
+  struct file_id {
+    dev_t dev = 0;
+    ino_t ino = 0;
+    std::int64_t size = -1;
+    std::int64_t mtime_ns = -1;
+    bool operator==(const file_id&) const = default;
+  };
+  static file_id identify(const std::string& path);
+  file_id module_id_;
 
   daemon_options opts_;
   std::shared_ptr<broker> broker_;
@@ -99,6 +125,7 @@ class daemon : public std::enable_shared_from_this<daemon> {
   mutable std::mutex clients_mu_;
   std::unordered_map<std::uint32_t, client_info> clients_;
   bool had_client_ = false;  // guarded by clients_mu_
+  std::atomic<bool> retired_{false};
 
   std::mutex stop_mu_;
   std::condition_variable stop_cv_;

@@ -12,8 +12,14 @@ inline constexpr const char* socket_env = "MITOGEN_MUX_SOCKET";
 /// `$TMPDIR/mitogen-<euid>` (TMPDIR default /tmp): the private directory the debug
 /// logs use too (plugin/mitogen_native/core.py private_tmp_dir()).
 std::string private_dir();
-/// `$MITOGEN_MUX_SOCKET` if set, else `private_dir()/mux.sock`.
-std::string default_socket_path();
+/// Eight hex digits naming an installation: FNV-1a (32 bits) of the real path of
+/// `install_dir`, the directory that holds the mitogen_native package (and
+/// mitogen_native_target.py). The Python client computes the same.
+std::string install_tag(const std::string& install_dir);
+/// `$MITOGEN_MUX_SOCKET` if set, else `private_dir()/mux-<install_tag>.sock`: one
+/// daemon per user and installation, so that two installations (two build trees,
+/// an upgrade) never talk to each other's daemon.
+std::string default_socket_path(const std::string& install_dir);
 /// The lock file beside a socket: `<socket>.lock`.
 std::string lock_path(const std::string& socket_path);
 /// The default log file: `private_dir()/mux.log`.
