@@ -72,8 +72,9 @@ config parse_config(const std::string& source, const std::string& path) {
   if (root.IsNull()) return c;  // an empty file: the defaults
   if (!root.IsMap()) fail(path, root.Mark(), "expected a mapping of settings (key: value lines)");
   for (auto it = root.begin(); it != root.end(); ++it) {
-    const YAML::Node& k = it->first;
-    const YAML::Node& v = it->second;
+    // Copies: `it->first` lives in a proxy that dies with the expression.
+    const YAML::Node k = it->first;
+    const YAML::Node v = it->second;
     const std::string key = scalar_text(k);
     if (key == "idle_timeout") {
       c.idle_timeout = std::chrono::seconds(integer(path, key, v, 0, 365LL * 86400, "a number of seconds"));
