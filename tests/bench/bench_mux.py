@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """Benchmarks of the multiplexer daemon (docs/benchmarks.md, "Multiplexer daemon").
 
-    bench_mux.py attach [--n 2000]             attach + connect (warm) + detach, per call
+    bench_mux.py attach [--n 2000] [--ssh]     attach + connect (warm) + detach, per call
+                                               (a local stack, or an ssh one to the loopback sshd)
     bench_mux.py memory [--local 100,500] [--ssh 100]
                                                daemon RSS with that many idle contexts
 
@@ -61,17 +62,19 @@ def median_us(samples):
     return statistics.median(samples) * 1e6
 
 
-def bench_attach(n):
+def bench_attach(n, stack=None):
+    stack = stack or LOCAL
+    print('stack: %s' % (stack[0]['method'],))
     with Daemon():
         c = mux.attach()
-        c.connect(LOCAL)
+        c.connect(stack)
         c.detach()
         full, full_cpu, attach, connect, detach = [], [], [], [], []
         for _ in range(n):
             c0, t0 = time.process_time(), time.perf_counter()
             client = mux.Client()
             t1 = time.perf_counter()
-            client.connect(LOCAL)
+            client.connect(stack)
             t2 = time.perf_counter()
             client.detach()
             t3, c3 = time.perf_counter(), time.process_time()
@@ -90,7 +93,7 @@ def bench_attach(n):
         code = ('import time, sys\nfrom mitogen_native import mux\n'
                 'c0, t0 = time.process_time(), time.perf_counter()\n'
                 'c = mux.Client()\nc.connect(%r)\nc.detach()\n'
-                'print(time.perf_counter() - t0, time.process_time() - c0)\n' % (LOCAL,))
+                'print(time.perf_counter() - t0, time.process_time() - c0)\n' % (stack,))
         fresh, fresh_cpu = [], []
         for _ in range(min(n, 100)):
             out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
@@ -102,7 +105,7 @@ def bench_attach(n):
         # Forked from a process that attached once before (as Ansible forks its
         # workers from the strategy's process): the child attaches anew.
         warm = mux.Client()
-        warm.connect(LOCAL)
+        warm.connect(stack)
         warm.detach()
         forked, forked_cpu = [], []
         for _ in range(min(n, 200)):
@@ -112,7 +115,7 @@ def bench_attach(n):
                 os.close(r)
                 c0, t0 = time.process_time(), time.perf_counter()
                 client = mux.Client()
-                client.connect(LOCAL)
+                client.connect(stack)
                 client.detach()
                 os.write(w, ('%r %r' % (time.perf_counter() - t0, time.process_time() - c0)).encode())
                 os._exit(0)
@@ -175,10 +178,17 @@ def main():
     p.add_argument('what', choices=['attach', 'memory'])
     p.add_argument('--n', type=int, default=2000)
     p.add_argument('--local', default='100,500')
-    p.add_argument('--ssh', default='')
+    p.add_argument('--ssh', default='', help='memory: ssh context counts; attach: any value uses an ssh stack')
     a = p.parse_args()
     if a.what == 'attach':
-        bench_attach(a.n)
+        if not a.ssh:
+            bench_attach(a.n)
+            return
+        import servers
+        with servers.started(servers.SSHD_FIXTURE) as sshd:
+            bench_attach(a.n, [{'method': 'ssh', 'hostname': '127.0.0.1', 'port': sshd['port'],
+                                'username': sshd['user'], 'identity_file': sshd['identity_file'],
+                                'known_hosts_file': sshd['known_hosts']}])
         return
     if a.local:
         bench_memory('local', [int(x) for x in a.local.split(',')])

@@ -3,6 +3,7 @@
 #include <sys/wait.h>
 
 #include <catch2/catch.hpp>
+#include <cstring>
 #include <fstream>
 #include <future>
 #include <sstream>
@@ -17,7 +18,9 @@ using namespace std::chrono_literals;
 
 namespace {
 
-/// Run the program with `args`, `env` added to ours; returns (exit status, stderr).
+/// Run the program with `args`, `env` added to ours; returns (exit status, stderr),
+/// or (-1, why) if it could not be run. No Catch assertions here: several threads
+/// run it at once.
 std::pair<int, std::string> run(const std::vector<std::string>& args, const std::vector<std::string>& env) {
   std::vector<std::string> argv_s = {MITOGEN_MUX_BIN};
   argv_s.insert(argv_s.end(), args.begin(), args.end());
@@ -30,15 +33,20 @@ std::pair<int, std::string> run(const std::vector<std::string>& args, const std:
   for (auto& e : env_s) envp.push_back(e.data());
   envp.push_back(nullptr);
   int err[2];
-  REQUIRE(::pipe2(err, O_CLOEXEC) == 0);
+  if (::pipe2(err, O_CLOEXEC) != 0) return {-1, "pipe2 failed"};
   posix_spawn_file_actions_t fa;
   posix_spawn_file_actions_init(&fa);
   posix_spawn_file_actions_adddup2(&fa, err[1], 2);
   posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
   posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
   pid_t pid;
-  REQUIRE(::posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp.data()) == 0);
+  const int rc = ::posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), envp.data());
   posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) {
+    ::close(err[0]);
+    ::close(err[1]);
+    return {-1, std::string("posix_spawn failed: ") + std::strerror(rc)};
+  }
   ::close(err[1]);
   std::string text;
   char buf[1024];
