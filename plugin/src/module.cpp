@@ -27,6 +27,10 @@ void tune_malloc() {
 
 }  // namespace
 
+namespace mitogen::python {
+void register_mux(py::module_& m);  // mux.cpp: the client of the mitogen-mux daemon
+}
+
 PYBIND11_MODULE(_native, m) {
   m.doc() = "C++ core of mitogen_native; use the mitogen_native package, not this module.";
   using namespace mitogen::python;
@@ -40,4 +44,5 @@ PYBIND11_MODULE(_native, m) {
   register_files(m);
   register_channels(m);
   register_modules(m);
+  register_mux(m);
 }

@@ -51,7 +51,7 @@ context local(router& r, const local_options& o) {
   detail::spawned child;
   // A custom first stage may need a real argv[0] (upstream's re-executes sys.executable).
   const std::string argv0 = o.boot_with ? argv.front() : "mitogen:" + name;
-  if (auto ec = detail::spawn_piped(argv, argv0, child))
+  if (auto ec = detail::spawn_piped(argv, argv0, child, o.environment ? &*o.environment : nullptr))
     throw stream_error(make_error_code(errc::spawn_failed),
                        "mitogen: cannot start " + argv.front() + ": " + ec.message());
 

@@ -43,7 +43,7 @@ namespace {
 /// after setsid() (as a session leader without a controlling terminal, so it becomes
 /// its controlling terminal) and closes the descriptor again before exec.
 std::error_code spawn_impl(const std::vector<std::string>& argv, const std::string& argv0, const char* ctty,
-                           spawned& out) {
+                           spawned& out, const std::vector<std::string>* env = nullptr) {
   fd_guard in_r, in_w, out_r, out_w, err_r, err_w;
   if (!make_pipe(in_r, in_w) || !make_pipe(out_r, out_w) || !make_pipe(err_r, err_w))
     return {errno, std::generic_category()};
@@ -86,10 +86,17 @@ std::error_code spawn_impl(const std::vector<std::string>& argv, const std::stri
   for (std::size_t i = 1; i < argv.size(); ++i) cargv.push_back(const_cast<char*>(argv[i].c_str()));
   cargv.push_back(nullptr);
 
+  std::vector<char*> cenv;
+  if (env) {
+    for (const auto& e : *env) cenv.push_back(const_cast<char*>(e.c_str()));
+    cenv.push_back(nullptr);
+  }
+  char** envp = env ? cenv.data() : environ;
+
   pid_t pid = -1;
   const std::string& path = argv.at(0);
-  int rc = path.find('/') == std::string::npos ? posix_spawnp(&pid, path.c_str(), &fa, &attr, cargv.data(), environ)
-                                               : posix_spawn(&pid, path.c_str(), &fa, &attr, cargv.data(), environ);
+  int rc = path.find('/') == std::string::npos ? posix_spawnp(&pid, path.c_str(), &fa, &attr, cargv.data(), envp)
+                                               : posix_spawn(&pid, path.c_str(), &fa, &attr, cargv.data(), envp);
   posix_spawn_file_actions_destroy(&fa);
   posix_spawnattr_destroy(&attr);
   if (rc != 0) return {rc, std::generic_category()};
@@ -102,8 +109,9 @@ std::error_code spawn_impl(const std::vector<std::string>& argv, const std::stri
 
 }  // namespace
 
-std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out) {
-  return spawn_impl(argv, argv0, nullptr, out);
+std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out,
+                            const std::vector<std::string>* env) {
+  return spawn_impl(argv, argv0, nullptr, out, env);
 }
 
 std::error_code spawn_with_tty(const std::vector<std::string>& argv, const std::string& argv0, spawned_tty& out) {

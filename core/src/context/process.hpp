@@ -21,8 +21,10 @@ struct spawned {
 };
 
 /// Start `argv` (argv[0] shown as `argv0`) in a new session with default signal
-/// dispositions, connected by pipes. Returns an error code (errno of exec) on failure.
-std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out);
+/// dispositions, connected by pipes, with `env` ("NAME=value" entries) as its
+/// environment if given, else ours. Returns an error code (errno of exec) on failure.
+std::error_code spawn_piped(const std::vector<std::string>& argv, const std::string& argv0, spawned& out,
+                            const std::vector<std::string>* env = nullptr);
 
 /// A started child with a terminal of its own besides the pipes.
 struct spawned_tty : spawned {

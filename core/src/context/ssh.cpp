@@ -109,7 +109,10 @@ std::vector<std::string> openssh_argv(const ssh_options& o, const std::string& c
     a.push_back(f);
   }
   if (!o.identity_files.empty()) opt("IdentitiesOnly=yes");
-  if (!o.use_agent) opt("IdentityAgent=none");
+  if (!o.use_agent)
+    opt("IdentityAgent=none");
+  else if (o.agent_socket)
+    opt("IdentityAgent=" + *o.agent_socket);
   switch (o.check_host_keys) {
     case host_key_policy::enforce: opt("StrictHostKeyChecking=yes"); break;
     case host_key_policy::accept: opt("StrictHostKeyChecking=accept-new"); break;
@@ -215,6 +218,7 @@ context ssh(router& r, const ssh_options& o) {
   if (ids.empty()) ids = {"~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa"};
   for (const auto& f : ids) t.identity_files.push_back(detail::expand_ssh_path(f, me.home, me.user, t.host, t.user, t.port));
   t.use_agent = o.use_agent;
+  t.agent_socket = o.agent_socket;
   t.policy = o.check_host_keys;
   t.known_hosts_file = o.known_hosts_file.value_or(me.home + "/.ssh/known_hosts");
   t.keepalive_interval = o.keepalive_interval;

@@ -115,6 +115,27 @@ void set_hostkey_preference(LIBSSH2_SESSION* s) {
 
 constexpr std::size_t bridge_chunk = 256 * 1024;
 
+/// Where the pump reads (the broker thread's; the first half for bridge -> channel,
+/// the second for channel -> bridge): an idle session holds no buffer of its own.
+char* pump_scratch() {
+  thread_local std::unique_ptr<char[]> buf(new char[2 * bridge_chunk]);
+  return buf.get();
+}
+
+/// After a write from `p`, `len` bytes are left: keep them in `v` (from offset
+/// `off`) unless they are there already; nothing left releases `v`.
+void keep_unsent(std::vector<char>& v, std::size_t& off, const char* p, std::size_t len) {
+  if (len == 0) {
+    std::vector<char>().swap(v);
+    off = 0;
+  } else if (!v.empty() && p >= v.data() && p < v.data() + v.size()) {
+    off = static_cast<std::size_t>(p - v.data());
+  } else {
+    v.assign(p, p + len);
+    off = 0;
+  }
+}
+
 }  // namespace
 
 class ssh_session : public std::enable_shared_from_this<ssh_session> {
@@ -127,9 +148,7 @@ class ssh_session : public std::enable_shared_from_this<ssh_session> {
         bridge_(broker_->io(), bridge_fd),
         keepalive_(broker_->io()),
         linger_(broker_->io()),
-        stderr_(boot_, t_.name),
-        down_(bridge_chunk),
-        up_(bridge_chunk) {}
+        stderr_(boot_, t_.name) {}
 
   ~ssh_session() { free_libssh2(); }
 
@@ -183,7 +202,9 @@ class ssh_session : public std::enable_shared_from_this<ssh_session> {
   int kbd_rounds_ = 0;
 
   // Pump state (broker thread).
-  std::vector<char> down_, up_;  // channel -> bridge, bridge -> channel
+  // What one direction could not write yet (channel -> bridge, bridge -> channel):
+  // empty, and released, whenever everything read was written.
+  std::vector<char> down_, up_;
   std::size_t down_off_ = 0, down_len_ = 0, up_off_ = 0, up_len_ = 0;
   bool chan_eof_ = false, bridge_eof_ = false, draining_ = false;
   bool sock_rd_ = false, sock_wr_ = false, br_rd_ = false, br_wr_ = false, pump_posted_ = false;
@@ -422,11 +443,12 @@ awaitable<bool> ssh_session::authenticate() {
   std::vector<std::string> tried;
 
   if (offers("publickey")) {
-    const char* sock = std::getenv("SSH_AUTH_SOCK");
+    const char* sock = t_.agent_socket ? t_.agent_socket->c_str() : std::getenv("SSH_AUTH_SOCK");
     if (t_.use_agent && sock && *sock) {
       // The agent speaks over a blocking local UNIX socket: connect, listing and each
       // signature block the broker thread briefly (a local round trip each).
       agent_ = libssh2_agent_init(session_);
+      if (agent_ && t_.agent_socket) libssh2_agent_set_identity_path(agent_, sock);
       if (agent_ && libssh2_agent_connect(agent_) == 0 && libssh2_agent_list_identities(agent_) == 0) {
         struct libssh2_agent_publickey* id = nullptr;
         struct libssh2_agent_publickey* prev = nullptr;
@@ -512,10 +534,12 @@ bool ssh_session::pump_once(bool& fatal) {
   const int bfd = bridge_.native_handle();
 
   // bridge -> channel stdin.
+  char* scratch = pump_scratch();
+  const char* up = up_.data() + up_off_;
   if (up_len_ == 0 && !bridge_eof_) {
-    ssize_t n = ::recv(bfd, up_.data(), up_.size(), MSG_DONTWAIT);
+    ssize_t n = ::recv(bfd, scratch, bridge_chunk, MSG_DONTWAIT);
     if (n > 0) {
-      up_off_ = 0;
+      up = scratch;
       up_len_ = static_cast<std::size_t>(n);
       progress = true;
     } else if (n == 0 || (errno != EAGAIN && errno != EINTR)) {
@@ -525,9 +549,9 @@ bool ssh_session::pump_once(bool& fatal) {
     }
   }
   if (up_len_ > 0) {
-    ssize_t n = libssh2_channel_write(channel_, up_.data() + up_off_, up_len_);
+    ssize_t n = libssh2_channel_write(channel_, up, up_len_);
     if (n > 0) {
-      up_off_ += static_cast<std::size_t>(n);
+      up += n;
       up_len_ -= static_cast<std::size_t>(n);
       progress = true;
     } else if (n != LIBSSH2_ERROR_EAGAIN) {
@@ -535,6 +559,7 @@ bool ssh_session::pump_once(bool& fatal) {
       fatal = true;
       return false;
     }
+    keep_unsent(up_, up_off_, up, up_len_);
   }
 
   // Channel stderr: logged and kept for error messages; never flow-controlled.
@@ -556,10 +581,11 @@ bool ssh_session::pump_once(bool& fatal) {
 
   // Channel stdout -> bridge. Read only when the last chunk is written: a full bridge
   // stops the reads, and the SSH window then stops the remote writer.
+  const char* down = down_.data() + down_off_;
   if (down_len_ == 0 && !chan_eof_) {
-    ssize_t n = libssh2_channel_read(channel_, down_.data(), down_.size());
+    ssize_t n = libssh2_channel_read(channel_, scratch + bridge_chunk, bridge_chunk);
     if (n > 0) {
-      down_off_ = 0;
+      down = scratch + bridge_chunk;
       down_len_ = static_cast<std::size_t>(n);
       progress = true;
     } else if (n == 0 || n == LIBSSH2_ERROR_EAGAIN) {
@@ -571,9 +597,9 @@ bool ssh_session::pump_once(bool& fatal) {
     }
   }
   if (down_len_ > 0) {
-    ssize_t n = ::send(bfd, down_.data() + down_off_, down_len_, MSG_DONTWAIT | MSG_NOSIGNAL);
+    ssize_t n = ::send(bfd, down, down_len_, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n > 0) {
-      down_off_ += static_cast<std::size_t>(n);
+      down += n;
       down_len_ -= static_cast<std::size_t>(n);
       progress = true;
     } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
@@ -582,6 +608,7 @@ bool ssh_session::pump_once(bool& fatal) {
       bridge_eof_ = true;
       down_len_ = 0;
     }
+    keep_unsent(down_, down_off_, down, down_len_);
   }
   return progress;
 }

@@ -37,6 +37,7 @@ struct ssh_target {
   std::optional<std::string> password;
   std::vector<std::string> identity_files;  ///< expanded paths; missing ones are skipped
   bool use_agent = true;
+  std::optional<std::string> agent_socket;  ///< default: $SSH_AUTH_SOCK
   host_key_policy policy = host_key_policy::enforce;
   std::string known_hosts_file;
   std::chrono::seconds keepalive_interval{15};

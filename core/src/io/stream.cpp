@@ -41,7 +41,6 @@ stream::stream(std::shared_ptr<broker> b, int read_fd, int write_fd, stream_opti
     wr_ = std::make_unique<boost::asio::posix::stream_descriptor>(broker_->io());
     wr_->assign(write_fd);
   }
-  rbuf_.resize(opts_.read_chunk);
 }
 
 stream::~stream() {
@@ -192,27 +191,61 @@ void stream::flush_on_broker() {
   arm_write();
 }
 
-void stream::do_read() {
-  if (closed()) return;
-  rd_.async_read_some(boost::asio::buffer(rbuf_),
-                      [self = shared_from_this()](const boost::system::error_code& ec, std::size_t n) {
-                        if (ec == boost::asio::error::operation_aborted) return;
-                        if (ec) {
-                          self->close_on_broker(make_error_code(errc::child_died),
-                                                ec == boost::asio::error::eof ? "end of file" : ec.message());
-                          return;
-                        }
-                        self->handle_input(n);
-                        self->do_read();
-                      });
+namespace {
+
+/// The read buffer of the calling thread (the broker's): streams read into it and
+/// parse at once, so an idle stream holds no buffer of its own (a daemon with
+/// thousands of idle contexts would otherwise pin 256 KiB each).
+char* read_scratch(std::size_t size) {
+  thread_local std::unique_ptr<char[]> buf;
+  thread_local std::size_t have = 0;
+  if (have < size) {
+    buf.reset(new char[size]);
+    have = size;
+  }
+  return buf.get();
 }
 
-void stream::handle_input(std::size_t n) {
+}  // namespace
+
+void stream::do_read() {
+  if (closed()) return;
+  rd_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                 [self = shared_from_this()](const boost::system::error_code& ec) {
+                   if (ec == boost::asio::error::operation_aborted) return;
+                   if (ec) {
+                     self->close_on_broker(make_error_code(errc::child_died), ec.message());
+                     return;
+                   }
+                   self->read_ready();
+                 });
+}
+
+void stream::read_ready() {
+  if (closed()) return;
+  char* buf = read_scratch(opts_.read_chunk);
+  ssize_t n;
+  do {
+    n = ::read(read_fd_, buf, opts_.read_chunk);
+  } while (n < 0 && errno == EINTR);
+  if (n > 0) {
+    handle_input(buf, static_cast<std::size_t>(n));
+    do_read();
+  } else if (n == 0) {
+    close_on_broker(make_error_code(errc::child_died), "end of file");
+  } else if (errno == EAGAIN) {
+    do_read();
+  } else {
+    close_on_broker(make_error_code(errc::child_died), std::strerror(errno));
+  }
+}
+
+void stream::handle_input(const char* data, std::size_t n) {
   if (!raw_) {
-    parse_frames({reinterpret_cast<const std::uint8_t*>(rbuf_.data()), n});
+    parse_frames({reinterpret_cast<const std::uint8_t*>(data), n});
     return;
   }
-  raw_pending_.append(rbuf_.data(), n);
+  raw_pending_.append(data, n);
   bool framed = false;
   std::size_t used = raw_(raw_pending_, framed);
   if (closed()) return;

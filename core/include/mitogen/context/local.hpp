@@ -56,6 +56,10 @@ struct local_options : connect_options {
   /// stage 1 and agent, e.g. upstream Mitogen's own first stage and core.py
   /// (tests/core/conformance, docs/security.md "Conformance"). python_path is ignored.
   std::function<custom_boot(const boot_params&)> boot_with;
+  /// The child's whole environment ("NAME=value" entries), if not ours. (The
+  /// multiplexer daemon starts a client's local contexts with the client's.)
+  /// Ignored with `via`.
+  std::optional<std::vector<std::string>> environment;
 };
 
 /// Start a local context and wait for its bootstrap (with `opts.via`: a Python

@@ -48,6 +48,9 @@ struct ssh_options : connect_options {
   /// Offer the keys of the agent at SSH_AUTH_SOCK first (libssh2: done over a blocking
   /// UNIX socket on the broker thread, which is local and fast).
   bool use_agent = true;
+  /// The agent's socket; default $SSH_AUTH_SOCK of this process. (The multiplexer
+  /// daemon passes each client's own, so that a worker's agent is the one asked.)
+  std::optional<std::string> agent_socket;
   host_key_policy check_host_keys = host_key_policy::enforce;
   /// Default: ~/.ssh/known_hosts.
   std::optional<std::string> known_hosts_file;

@@ -30,7 +30,9 @@ struct stream_options {
   /// Bytes queued for writing above which senders on other threads block until the
   /// queue drains to half (backpressure). The broker thread never blocks.
   std::size_t max_queued_bytes = 16u * 1024u * 1024u;
-  std::size_t read_chunk = 256u * 1024u;  ///< bytes per read() call
+  /// Bytes per read() call, into a buffer of the broker thread's (an idle stream
+  /// holds none).
+  std::size_t read_chunk = 256u * 1024u;
 };
 
 /// Owned by shared_ptr (handlers capture it). Closing is idempotent; after close,
@@ -54,6 +56,9 @@ class stream : public std::enable_shared_from_this<stream> {
   /// Set callbacks before start(). Not thread-safe against start().
   void on_message(message_fn fn) { on_message_ = std::move(fn); }
   void on_disconnect(disconnect_fn fn) { on_disconnect_ = std::move(fn); }
+  /// The message callback set now, so that a filter can wrap it (the multiplexer
+  /// drops a client whose frames name another source). Same rules as on_message().
+  const message_fn& message_handler() const noexcept { return on_message_; }
 
   /// Begin reading (posted to the broker thread). With `raw`, input goes to it until it
   /// switches to framing.
@@ -87,8 +92,9 @@ class stream : public std::enable_shared_from_this<stream> {
   void arm_write();         // broker thread
   void flush_on_broker();   // broker thread
   bool write_some_locked(); // with wmu_ held; false on fatal error
-  void do_read();
-  void handle_input(std::size_t n);
+  void do_read();                                  // broker thread
+  void read_ready();                               // broker thread
+  void handle_input(const char* data, std::size_t n);  // broker thread
   void parse_frames(std::span<const std::uint8_t> in);  // broker thread
   void close_on_broker(std::error_code reason, std::string detail);
 
@@ -97,7 +103,6 @@ class stream : public std::enable_shared_from_this<stream> {
   int read_fd_, write_fd_;
   boost::asio::posix::stream_descriptor rd_;
   std::unique_ptr<boost::asio::posix::stream_descriptor> wr_;  // null when write_fd == read_fd
-  std::vector<char> rbuf_;
   std::string raw_pending_;  // raw-phase bytes not yet consumed
   raw_fn raw_;
   wire::frame_parser parser_;

@@ -1,0 +1,99 @@
+"""Helpers of the multiplexer daemon's client tests (the fixtures are in
+conftest.py)."""
+import os
+import subprocess
+import sys
+import time
+
+import mitogen_native.mux
+
+
+def pid_alive(pid):
+    """True if `pid` runs (a zombie does not count)."""
+    try:
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_for(pred, timeout=20.0, what='condition'):
+    """Poll `pred` until true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.01)
+    assert pred(), 'timed out waiting for %s' % what
+
+
+class MuxEnv(object):
+    """A test's daemon: its socket, settings file and log in a private dir."""
+
+    def __init__(self, root):
+        self.dir = root
+        self.socket = os.path.join(root, 'mux.sock')
+        self.config = os.path.join(root, 'mux.yaml')
+        self.log = os.path.join(root, 'mux.log')
+        self.write_config()
+
+    def write_config(self, **settings):
+        settings.setdefault('log_file', self.log)
+        settings.setdefault('idle_timeout', 120)
+        with open(self.config, 'w') as f:
+            for k, v in settings.items():
+                f.write('%s: %s\n' % (k, v))
+
+    def env(self):
+        """The environment a client process needs to find this daemon."""
+        env = dict(os.environ)
+        env[mitogen_native.mux.SOCKET_ENV] = self.socket
+        env['MITOGEN_MUX_CONFIG'] = self.config
+        return env
+
+    def daemon_pids(self):
+        """Processes serving this socket."""
+        out = []
+        for name in os.listdir('/proc'):
+            if not name.isdigit():
+                continue
+            try:
+                with open('/proc/%s/cmdline' % name, 'rb') as f:
+                    argv = f.read().split(b'\0')
+            except OSError:
+                continue
+            if b'serve' in argv and self.socket.encode() in argv and pid_alive(int(name)):
+                out.append(int(name))
+        return out
+
+    def read_log(self):
+        try:
+            with open(self.log, encoding='utf-8', errors='replace') as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
+
+    def stop(self):
+        binary = mitogen_native.mux.find_binary()
+        subprocess.run([binary, 'stop', '--socket', self.socket], env=self.env(),
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        for pid in self.daemon_pids():
+            os.kill(pid, 9)
+
+
+def run_python(code, env, timeout=60):
+    """Run `code` in a new /usr/bin/python3 (or whatever runs the tests);
+    returns its stdout lines, failing the test if it failed."""
+    p = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, 'client process failed:\n%s\n%s' % (p.stdout, p.stderr)
+    return p.stdout.split()
+
+
+def ssh_hop(sshd, **extra):
+    """The ssh hop of a stack for the fixture's user, key and known_hosts."""
+    hop = {'method': 'ssh', 'hostname': '127.0.0.1', 'port': sshd['port'],
+           'username': sshd['user'], 'identity_file': sshd['identity_file'],
+           'known_hosts_file': sshd['known_hosts'], 'connect_timeout': 20}
+    hop.update(extra)
+    return hop
