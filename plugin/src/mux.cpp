@@ -31,8 +31,6 @@ py::object make_router(const std::shared_ptr<mitogen::mux::client>& c) {
   auto pr = std::make_shared<py_router>();
   pr->r = c->get_router();
   pr->broker = py::cast(pb);
-  pr->contexts = std::make_shared<router_contexts>();
-  pr->contexts->r = pr->r;
   return py::cast(pr);
 }
 

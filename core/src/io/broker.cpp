@@ -12,6 +12,11 @@ broker::broker() : work_(boost::asio::make_work_guard(*io_)) {
   // ignores SIGPIPE; a C++ host that installed its own handler keeps it.
   struct sigaction old {};
   if (::sigaction(SIGPIPE, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) ::signal(SIGPIPE, SIG_IGN);
+  // spdlog creates its default logger on first use, inside libspdlog (not compiled
+  // with our sanitizers): two brokers logging first at once would build it on one
+  // thread and read it on the other with no ordering a checker can see. Build it
+  // here, before this broker's thread exists.
+  (void)spdlog::default_logger_raw();
   std::mutex mu;
   std::condition_variable cv;
   bool started = false;
