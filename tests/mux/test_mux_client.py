@@ -331,11 +331,16 @@ def test_the_daemon_serves_mitogen_native_target_and_nothing_else(mux_env, monke
     (tmp_path / 'not_served.py').write_text(TARGET_MODULE)
     monkeypatch.setenv('MITOGEN_MUX_MODULE_DIR', str(tmp_path))
     monkeypatch.syspath_prepend(str(tmp_path))
+    # The context must not find another mitogen_native_target by itself: the
+    # build's (PYTHONPATH, which local contexts inherit) or an installed one
+    # (site-packages, hence -S).
+    monkeypatch.delenv('PYTHONPATH', raising=False)
+    sys.modules.pop('mitogen_native_target', None)
     import mitogen_native_target
     import not_served
     c = mux.attach()
     try:
-        ctx = c.connect(LOCAL)
+        ctx = c.connect([{'method': 'local', 'python_path': [sys.executable, '-S']}])
         assert ctx.call(mitogen_native_target.hello, 'target') == 'hello target'
         with pytest.raises(mitogen_native.core.CallError, match='not_served'):
             ctx.call(not_served.hello, 'x')
