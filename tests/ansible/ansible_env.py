@@ -6,11 +6,11 @@
 
 * one throw-away sshd listening on 127.0.0.1 to 127.0.0.4 (or to 127.0.0.N:
   the benchmark's 10 hosts), on one free port,
-  letting in `mitogen-test` (tests/core/ssh/sshd_fixture.py's user) by key or
+  letting in `mitogen-test` (tests/core/context/ssh/sshd_fixture.py's user) by key or
   password;
 * a known_hosts file with the host key for every address, another with a wrong
   key, and a second user key the server does not know;
-* the become users of tests/core/become/become_fixture.py (mitogen-test may
+* the become users of tests/core/context/become/become_fixture.py (mitogen-test may
   sudo to anyone with its password; mitogen-nosudo has a password, for su),
   plus `mitogen-ansible`, to which mitogen-test may sudo without a password
   (its own sudoers file, so the other tests' rules stay as they are);
@@ -28,8 +28,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, 'tests', 'core', 'ssh'))
-sys.path.insert(0, os.path.join(ROOT, 'tests', 'core', 'become'))
+sys.path.insert(0, os.path.join(ROOT, 'tests', 'core', 'context', 'ssh'))
+sys.path.insert(0, os.path.join(ROOT, 'tests', 'core', 'context', 'become'))
 import sshd_fixture  # noqa: E402
 import become_fixture  # noqa: E402
 

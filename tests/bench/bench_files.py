@@ -31,7 +31,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, '..', 'core', 'ssh', 'sshd_fixture.py')
+FIXTURE = os.path.join(HERE, '..', 'core', 'context', 'ssh', 'sshd_fixture.py')
 
 
 def hwm_kib():

@@ -1,5 +1,5 @@
 // bench_ssh: SSH figures of the C++ API against the loopback sshd of
-// tests/core/ssh/sshd_fixture.py (started here, or taken from MITOGEN_SSHD_INFO).
+// tests/core/context/ssh/sshd_fixture.py (started here, or taken from MITOGEN_SSHD_INFO).
 // Usage: bench_ssh [calls] [parallel]   (needs root and openssh-server)
 // Prints a table and one "RESULT {json}" line (read by bench_ssh_upstream.py).
 #include <algorithm>

@@ -1,4 +1,4 @@
-"""File transfer over the loopback sshd (tests/core/ssh/sshd_fixture.py): the
+"""File transfer over the loopback sshd (tests/core/context/ssh/sshd_fixture.py): the
 remote user is the unprivileged `mitogen-test`. Needs root, as CI has."""
 import errno
 import hashlib

@@ -1,6 +1,6 @@
 """The throw-away servers and users some Python API tests need (root only, as
-CI runs): the loopback sshd of tests/core/ssh/sshd_fixture.py and the sudo/su/doas
-users and rules of tests/core/become/become_fixture.py. conftest.py turns them
+CI runs): the loopback sshd of tests/core/context/ssh/sshd_fixture.py and the sudo/su/doas
+users and rules of tests/core/context/become/become_fixture.py. conftest.py turns them
 into the `sshd` and `become_users` fixtures; tests/files uses them too."""
 import contextlib
 import json
@@ -9,8 +9,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SSHD_FIXTURE = os.path.join(HERE, '..', 'core', 'ssh', 'sshd_fixture.py')
-BECOME_FIXTURE = os.path.join(HERE, '..', 'core', 'become', 'become_fixture.py')
+SSHD_FIXTURE = os.path.join(HERE, '..', 'core', 'context', 'ssh', 'sshd_fixture.py')
+BECOME_FIXTURE = os.path.join(HERE, '..', 'core', 'context', 'become', 'become_fixture.py')
 
 CAN_RUN_SSHD = os.geteuid() == 0 and os.path.exists('/usr/sbin/sshd')
 

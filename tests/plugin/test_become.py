@@ -1,6 +1,6 @@
 """router.sudo() / su() / doas() through the Python API. Root never gets a password
 prompt, so the tests escalate from throw-away unprivileged users
-(tests/core/become/become_fixture.py; needs root, as CI has)."""
+(tests/core/context/become/become_fixture.py; needs root, as CI has)."""
 import logging
 import os
 import time

@@ -1,5 +1,5 @@
 """router.ssh() through the Python API, against a throw-away loopback sshd
-(tests/core/ssh/sshd_fixture.py; needs root, as CI has)."""
+(tests/core/context/ssh/sshd_fixture.py; needs root, as CI has)."""
 import os
 
 import pytest

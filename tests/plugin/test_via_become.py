@@ -2,8 +2,8 @@
 the program under a terminal of its own and answers the prompt
 (core/agent/agent.py, _spawn_sudo; docs/become.md, docs/via.md).
 
-Against the loopback sshd (tests/core/ssh/sshd_fixture.py) and the users and
-sudoers rule of tests/core/become/become_fixture.py: `mitogen-test` may sudo to
+Against the loopback sshd (tests/core/context/ssh/sshd_fixture.py) and the users and
+sudoers rule of tests/core/context/become/become_fixture.py: `mitogen-test` may sudo to
 anyone, with its password."""
 import os
 import signal

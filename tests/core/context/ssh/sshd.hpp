@@ -1,5 +1,5 @@
 #pragma once
-// Test helper: the loopback sshd of tests/core/ssh/sshd_fixture.py, started once per
+// Test helper: the loopback sshd of tests/core/context/ssh/sshd_fixture.py, started once per
 // test program (on first use) and stopped when the program exits.
 #include <signal.h>
 #include <unistd.h>
