@@ -1,5 +1,7 @@
 """What only mitogen.native.ssh does, or does its own way: checked on its own
 (no stock run to compare with)."""
+import tempfile
+
 import runner
 from runner import OURS
 
@@ -70,6 +72,31 @@ def test_one_connection_object_reconnects_and_resets(world, tmp_path):
     assert out['after_kill']['rc'] == 0 and out['after_kill'] != out['first'], out
     assert out['connected_after_reset'] is False
     assert out['after_reset']['rc'] == 0 and out['after_reset'] != out['after_kill'], out
+
+
+def test_multi_gib_files_travel_both_ways_in_bounded_memory(world, tmp_path):
+    """put_file and fetch_file stream: a 2 GiB file (sparse here, data at both
+    ends) arrives whole both ways, its mode kept, while neither the process
+    that transfers it nor the daemon grows by more than a few MiB."""
+    import json
+    import os
+    import subprocess
+    import sys
+    info = tmp_path / 'world.json'
+    info.write_text(json.dumps(world))
+    run_dir = tempfile.mkdtemp(prefix='mna-big-', dir=world['runs_dir'])
+    runner.make_dirs(run_dir)
+    mib = 2 * 1024
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=world['collections_path'])
+    p = subprocess.run([sys.executable, os.path.join(runner.HERE, 'direct_connection.py'),
+                        str(info), 'big', run_dir, str(mib)],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out['size'] == mib << 20 and out['same'], out
+    assert out['remote_mode'] == '0o640', out
+    assert out['grew_kib'] < 64 * 1024, out            # not the file: a few buffers
+    assert out['daemon_peak_kib'] < 128 * 1024, out
 
 
 def test_openssh_transport_takes_every_option(world):
