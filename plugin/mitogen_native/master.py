@@ -9,6 +9,7 @@ import zipimport
 
 from mitogen_native import _native
 from mitogen_native import _channels
+from mitogen_native import _options as _o
 from mitogen_native import core
 
 
@@ -149,16 +150,6 @@ def _main_script():
 atexit.register(_native._stop_module_resolvers)
 
 
-def _as_list(v, split=False):
-    """None, a string (one item, or split on whitespace: "-H -S -n") or an
-    iterable -> list."""
-    if v is None:
-        return None
-    if isinstance(v, str):
-        return v.split() if split else [v]
-    return [str(x) for x in v]
-
-
 class Broker(_native.Broker):
     """Runs the private I/O thread (a C++ thread) serving its routers.
 
@@ -211,12 +202,13 @@ class Router(_native.Router):
         if kwargs:
             raise TypeError('local() got unexpected keyword argument(s): %s'
                             % ', '.join(sorted(kwargs)))
+        remote_name = _o.as_str('remote_name', remote_name)
+        python_path = _o.as_str_list('python_path', python_path)
+        debug = _o.as_bool('debug', debug)
+        connect_timeout = _o.as_float('connect_timeout', connect_timeout, positive=True)
+        name = _o.as_str('name', name)
         if python_path is None:
             python_path = [] if via is not None else [sys.executable or '/usr/bin/python3']
-        elif isinstance(python_path, str):
-            python_path = [python_path]
-        else:
-            python_path = [str(p) for p in python_path]
         if debug is None:
             debug = self.debug
         if connect_timeout is None:
@@ -250,10 +242,26 @@ class Router(_native.Router):
             was refused (the message shows its fingerprint), the host is unreachable,
             or the agent did not start within ``connect_timeout`` seconds.
         """
-        if isinstance(identity_file, str):
-            identity_file = [identity_file]
-        if isinstance(python_path, str):
-            python_path = [python_path]
+        hostname = _o.as_str('hostname', hostname)
+        if not hostname:
+            raise ValueError('hostname must not be empty')
+        port = _o.as_int('port', port, 1, 65535)
+        username = _o.as_str('username', username)
+        password = _o.as_str('password', password)
+        identity_file = _o.as_str_list('identity_file', identity_file)
+        check_host_keys = _o.as_choice('check_host_keys', check_host_keys,
+                                       ('enforce', 'accept', 'ignore'))
+        known_hosts_file = _o.as_str('known_hosts_file', known_hosts_file)
+        connect_timeout = _o.as_float('connect_timeout', connect_timeout, positive=True)
+        keepalive_interval = _o.as_float('keepalive_interval', keepalive_interval)
+        python_path = _o.as_str_list('python_path', python_path)
+        remote_name = _o.as_str('remote_name', remote_name)
+        transport = _o.as_choice('transport', transport, ('libssh2', 'openssh'))
+        ssh_path = _o.as_str('ssh_path', ssh_path)
+        ssh_args = _o.as_str_list('ssh_args', ssh_args, split=True, ints=True)
+        ssh_config_file = _o.as_str('ssh_config_file', ssh_config_file)
+        debug = _o.as_bool('debug', debug)
+        name = _o.as_str('name', name)
         if debug is None:
             debug = self.debug
         log_level = logging.DEBUG if (
@@ -272,24 +280,26 @@ class Router(_native.Router):
     def _become_start(self, method, via, options):
         o = dict(options)
         o['via'] = via
-        python_path = o.get('python_path')
-        if python_path is None:
-            # Through via=, the intermediary's own interpreter (docs/via.md).
-            o['python_path'] = [] if via is not None else [sys.executable or '/usr/bin/python3']
-        elif isinstance(python_path, str):
-            o['python_path'] = [python_path]
-        else:
-            o['python_path'] = [str(p) for p in python_path]
+        for k in ('username', 'password', 'sudo_path', 'su_path', 'doas_path',
+                  'selinux_role', 'selinux_type', 'remote_name', 'name'):
+            if k in o:
+                o[k] = _o.as_str(k, o[k])
+        for k in ('preserve_env', 'set_home', 'login', 'debug'):
+            if k in o:
+                o[k] = _o.as_bool(k, o[k])
+        o['connect_timeout'] = _o.as_float('connect_timeout', o.get('connect_timeout'),
+                                           positive=True)
+        python_path = _o.as_str_list('python_path', o.get('python_path'))
+        # Through via=, the intermediary's own interpreter (docs/via.md).
+        o['python_path'] = python_path if python_path is not None else (
+            [] if via is not None else [sys.executable or '/usr/bin/python3'])
         # One prompt (upstream su/doas: password_prompt=) or a list of them.
-        prompts = list(_as_list(o.pop('password_prompt', None)) or [])
-        prompts += _as_list(o.get('password_prompts')) or []
+        prompts = list(_o.as_str_list('password_prompt', o.pop('password_prompt', None)) or [])
+        prompts += _o.as_str_list('password_prompts', o.get('password_prompts')) or []
         o['password_prompts'] = prompts or None
         for k in ('incorrect_prompts', 'not_allowed_prompts'):
-            o[k] = _as_list(o.get(k))
-        o['sudo_args'] = _as_list(o.get('sudo_args'), split=True)
-        if o.get('password') is not None and not isinstance(o['password'], str):
-            o['password'] = o['password'].decode('utf-8') if isinstance(
-                o['password'], bytes) else str(o['password'])
+            o[k] = _o.as_str_list(k, o.get(k))
+        o['sudo_args'] = _o.as_str_list('sudo_args', o.get('sudo_args'), split=True)
         if o.get('debug') is None:
             o['debug'] = self.debug
         o['debug'] = bool(o['debug'])

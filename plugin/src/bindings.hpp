@@ -65,6 +65,16 @@ struct wire_types {
 };
 wire_types& types();
 
+// ---- options (convert.cpp)
+
+/// An option of an API method checked and converted by mitogen_native._options
+/// (`fn`: "as_int", "as_float", "as_mode", ...): accepts what upstream accepts
+/// (numeric strings for numbers), otherwise raises TypeError naming `name` and
+/// the type expected. Returns None for None. GIL held.
+py::object option(const char* fn, const char* name, const py::object& v);
+/// option("as_float", name, v) as seconds, or nullopt for None. GIL held.
+std::optional<double> seconds_option(const char* name, const py::object& v);
+
 // ---- conversions (convert.cpp)
 
 /// Python -> wire. Raises TypeError naming the refused value's type and where it

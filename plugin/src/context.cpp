@@ -214,7 +214,9 @@ void register_context(py::module_& m) {
           "by the context.")
       .def(
           "shutdown",
-          [](const py_context& c, bool wait, std::optional<double> timeout) {
+          [](const py_context& c, py::object wait_o, py::object timeout_o) {
+            bool wait = option("as_bool", "wait", wait_o).cast<bool>();
+            auto timeout = seconds_option("timeout", timeout_o);
             {
               nogil g;
               c.ctx.shutdown(false);
@@ -241,7 +243,8 @@ void register_context(py::module_& m) {
   py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
       .def(
           "get",
-          [](py_receiver& self, std::optional<double> timeout) {
+          [](py_receiver& self, py::object timeout_o) {
+            auto timeout = seconds_option("timeout", timeout_o);
             if (!self.reply) self.reply = wait_message(*self.rx, timeout);
             return result_of(self.owner, *self.reply);
           },

@@ -280,6 +280,17 @@ py::object from_wire(wire::value&& v, const py::object& router) {
   return std::visit(to_python{router}, v.get());
 }
 
+py::object option(const char* fn, const char* name, const py::object& v) {
+  if (v.is_none()) return v;
+  return py::module_::import("mitogen_native._options").attr(fn)(name, v);
+}
+
+std::optional<double> seconds_option(const char* name, const py::object& v) {
+  py::object f = option("as_float", name, v);
+  if (f.is_none()) return std::nullopt;
+  return f.cast<double>();
+}
+
 void register_convert(py::module_& m) {
   m.def(
       "_register_types",
