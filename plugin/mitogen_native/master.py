@@ -179,6 +179,22 @@ class Router(_native.Router):
         _native._serve_modules_live(self, _resolve_module, _main_script(), [], [],
                                     sorted(_STDLIB_NAMES))
 
+    _SHUT_DOWN = 'mitogen: the router has been shut down'
+
+    def _check_running(self):
+        """Refuse, before anything is started or checked, once this router or
+        its broker was shut down: every method gives the same answer."""
+        if self.__dict__.get('_shut_down') or self.broker.shutting_down:
+            raise core.StreamError(self._SHUT_DOWN)
+
+    def shutdown(self):
+        """Ask this router's contexts to exit, then (once they have, or after half
+        a second) close their streams and release its waiting callers. The broker
+        keeps running for other routers. Does not block. Afterwards every method
+        that would start something raises StreamError."""
+        self.__dict__['_shut_down'] = True
+        _native.Router.shutdown(self)
+
     def local(self, remote_name=None, python_path=None, debug=None,
               connect_timeout=None, name=None, via=None, **kwargs):
         """Start a Python interpreter as a subprocess under this router's control
@@ -199,6 +215,7 @@ class Router(_native.Router):
             context's own interpreter.
         :raises mitogen_native.core.StreamError: the child could not be started.
         """
+        self._check_running()
         if kwargs:
             raise TypeError('local() got unexpected keyword argument(s): %s'
                             % ', '.join(sorted(kwargs)))
@@ -242,6 +259,7 @@ class Router(_native.Router):
             was refused (the message shows its fingerprint), the host is unreachable,
             or the agent did not start within ``connect_timeout`` seconds.
         """
+        self._check_running()
         hostname = _o.as_str('hostname', hostname)
         if not hostname:
             raise ValueError('hostname must not be empty')
@@ -278,6 +296,7 @@ class Router(_native.Router):
     # -- sudo / su / doas (docs/become.md) ------------------------------------
 
     def _become_start(self, method, via, options):
+        self._check_running()
         o = dict(options)
         o['via'] = via
         for k in ('username', 'password', 'sudo_path', 'su_path', 'doas_path',
@@ -380,6 +399,7 @@ class Router(_native.Router):
         passed too (``msg.is_dead``) when the channel ends, after which the
         handler is gone. Who may send: as for :class:`Receiver`
         (docs/channels.md)."""
+        self._check_running()
         handlers = self.__dict__.get('_handlers')
         if handlers is None:
             handlers = self.__dict__.setdefault('_handlers', _channels._Handlers(self))
