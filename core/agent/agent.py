@@ -1306,7 +1306,8 @@ def _file_id(value, kind):
             return grp.getgrnam(value).gr_gid
         except KeyError:
             pass
-    raise ValueError('unknown %s %r' % (kind, value))
+    # An OSError with its errno: the controller's FileError carries it (EINVAL).
+    raise OSError(22, 'unknown %s %r' % (kind, value))
 
 
 def _file_temp(path):
