@@ -53,3 +53,24 @@ def test_log_to_file_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = path.read_text()
     assert 'mitogen.ctx.filelog: stdout: to the file' in text
+
+
+def test_each_local_context_has_its_own_name_and_logger(router, caplog):
+    import getpass
+    import os
+    import socket
+    caplog.set_level(logging.INFO)
+    a, b = router.local(), router.local()
+    pa, pb = a.call(os.getpid), b.call(os.getpid)
+    # Upstream's names: local.<child pid>; the argv title keeps <user>@<host>:<our pid>.
+    assert (a.name, b.name) == ('local.%d' % pa, 'local.%d' % pb)
+    title = 'mitogen:%s@%s:%d' % (getpass.getuser(), socket.gethostname(), os.getpid())
+    assert a.call(remote_helpers.cmdline).split(b'\0')[0].decode() == title
+    a.call(remote_helpers.say, 'from a')
+    b.call(remote_helpers.say, 'from b')
+    ra = _wait_for(caplog, lambda r: r.getMessage() == 'stdout: from a')
+    rb = _wait_for(caplog, lambda r: r.getMessage() == 'stdout: from b')
+    assert ra.name == 'mitogen.ctx.local.%d' % pa and ra.mitogen_context_name == a.name
+    assert rb.name == 'mitogen.ctx.local.%d' % pb
+    # remote_name still names the context as well as its argv title.
+    assert router.local(remote_name='named').name == 'named'
