@@ -29,9 +29,33 @@ Context = _native.Context
 #: a :class:`Message`, as upstream's does.)
 CallReceiver = _native.Receiver
 CallReceiver.__name__ = CallReceiver.__qualname__ = 'CallReceiver'
-for _cls in (Context, CallReceiver):
+#: What ``Context.shutdown()`` returns; ``get(timeout=None)`` waits until the
+#: context has exited (upstream returns a Latch for the same purpose).
+ShutdownLatch = _native.ShutdownLatch
+for _cls in (Context, CallReceiver, ShutdownLatch):
     _cls.__module__ = __name__
 del _cls
+
+
+def _context_send(self, msg):
+    """Send `msg` (a :class:`Message`, e.g. ``Message.pickled(value,
+    handle=h)``, or one received and passed on) to this context's
+    ``msg.handle``, as upstream's Context.send(): ``dst_id`` is set to this
+    context. The value is checked and encoded here, with the serialization
+    rules of calls; a received message's bytes are sent as they are."""
+    if not isinstance(msg, Message):
+        raise TypeError('send() takes a Message, not %s' % type(msg).__name__)
+    if msg.handle is None:
+        raise ValueError('send(): the Message has no handle')
+    msg.dst_id = self.context_id
+    value = msg._value
+    raw = None
+    if value is Message._unset:
+        raw, value = bytes(msg.data), None
+    _native._send_message(self, int(msg.handle), int(msg.reply_to or 0), value, raw)
+
+
+Context.send = _context_send
 
 _native._register_types(
     Kwargs=Kwargs, Blob=Blob, Secret=Secret, CallError=CallError, Sender=Sender,

@@ -234,8 +234,8 @@ class Router(_native.Router):
         # (or enable_debug()) asks for them.
         log_level = logging.DEBUG if (
             debug or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
-        return self._local(remote_name, python_path, bool(debug), float(connect_timeout),
-                           name, log_level, via)
+        return self._started(self._local(remote_name, python_path, bool(debug),
+                                         float(connect_timeout), name, log_level, via), via)
 
     def ssh(self, hostname, port=None, username=None, password=None,
             identity_file=None, check_host_keys='enforce', known_hosts_file=None,
@@ -284,14 +284,14 @@ class Router(_native.Router):
             debug = self.debug
         log_level = logging.DEBUG if (
             debug or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
-        return self._ssh(dict(
+        return self._started(self._ssh(dict(
             hostname=hostname, port=port, username=username, password=password,
             identity_files=identity_file, check_host_keys=check_host_keys,
             known_hosts_file=known_hosts_file, connect_timeout=connect_timeout,
             keepalive_interval=keepalive_interval, python_path=python_path,
             remote_name=remote_name, transport=transport, ssh_path=ssh_path,
             ssh_args=ssh_args, ssh_config_file=ssh_config_file, debug=bool(debug),
-            log_level=log_level, name=name, via=via))
+            log_level=log_level, name=name, via=via)), via)
 
     # -- sudo / su / doas (docs/become.md) ------------------------------------
 
@@ -324,7 +324,7 @@ class Router(_native.Router):
         o['debug'] = bool(o['debug'])
         o['log_level'] = logging.DEBUG if (
             o['debug'] or logging.getLogger('mitogen.ctx').isEnabledFor(logging.DEBUG)) else logging.INFO
-        return self._become(method, o)
+        return self._started(self._become(method, o), via)
 
     def sudo(self, username=None, sudo_path=None, password=None, sudo_args=None,
              preserve_env=None, set_home=None, login=None, selinux_role=None,
@@ -385,6 +385,32 @@ class Router(_native.Router):
             not_allowed_prompts=not_allowed_prompts, python_path=python_path,
             remote_name=remote_name, connect_timeout=connect_timeout, debug=debug,
             name=name))
+
+    def disconnect(self, context):
+        """Close the connection to `context` at once, as upstream's
+        Router.disconnect(): its calls in progress fail with ChannelError and the
+        child, seeing its input end, exits (with every context reached through
+        it). Unlike :meth:`Context.shutdown`, nothing waits for the current call.
+        As upstream, only a context this program connected to directly is
+        disconnected; for any other one it does nothing (call its
+        ``shutdown()``)."""
+        if not isinstance(context, core.Context):
+            raise TypeError('disconnect() takes a Context, not %s' % type(context).__name__)
+        self._disconnect(context.context_id)
+
+    def disconnect_all(self):
+        """:meth:`disconnect` every context this program is directly connected
+        to; the router stays usable (unlike :meth:`shutdown`)."""
+        for context_id in list(self._direct_ids()):
+            self._disconnect(context_id)
+
+    def _direct_ids(self):
+        return self.__dict__.get('_direct', ())
+
+    def _started(self, context, via):
+        if via is None:
+            self.__dict__.setdefault('_direct', set()).add(context.context_id)
+        return context
 
     def myself(self):
         """A Context for this program (context id 0), e.g. for Senders."""

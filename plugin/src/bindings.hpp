@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "mitogen/mitogen.hpp"
@@ -40,6 +41,9 @@ struct py_router {
   bool debug = false;  ///< default of local(debug=...), set by enable_debug()
   /// Serves the controller's modules to this router's contexts (GET_MODULE).
   std::shared_ptr<mitogen::module_responder> responder;
+  /// The argv title (remote_name) each context started through this router was
+  /// given, for Context.remote_name. GIL held.
+  std::unordered_map<std::uint32_t, std::string> remote_names;
 };
 
 /// Python's Context: a core context plus the Python Router it belongs to, which is

@@ -170,6 +170,18 @@ std::string repr(const py_context& c) {
   return "Context(" + std::to_string(c.ctx.id()) + ", " + py::repr(py::str(c.ctx.name())).cast<std::string>() + ")";
 }
 
+/// What Context.shutdown() returns: waits for the context to be gone.
+struct py_shutdown {
+  std::shared_ptr<mitogen::router> r;
+  std::uint32_t id;
+  std::string name;
+  bool ready() const { return r->wait_disconnected(id, std::chrono::milliseconds(0)); }
+  void get(std::optional<double> timeout) const {
+    if (!wait_until([&](std::chrono::milliseconds slice) { return r->wait_disconnected(id, slice); }, timeout))
+      throw mitogen::timeout_error("context " + name + " did not exit within the timeout");
+  }
+};
+
 }  // namespace
 
 py::object make_context(mitogen::context ctx, const py::object& router) {
@@ -221,14 +233,24 @@ void register_context(py::module_& m) {
               nogil g;
               c.ctx.shutdown(false);
             }
-            if (!wait) return;
-            const auto& r = c.ctx.get_router();
-            const auto id = c.ctx.id();
-            if (!wait_until([&](std::chrono::milliseconds slice) { return r->wait_disconnected(id, slice); }, timeout))
-              throw mitogen::timeout_error("context " + c.ctx.name() + " did not exit within the timeout");
+            py_shutdown done{c.ctx.get_router(), c.ctx.id(), c.ctx.name()};
+            if (wait) done.get(timeout);
+            return done;
           },
           py::arg("wait") = false, py::arg("timeout") = py::none(),
-          "Ask the context to exit once its current call ends; with wait=True, block until it has.")
+          "Ask the context to exit once its current call ends, and return an object whose get(timeout=None) "
+          "waits until it has (upstream returns a Latch). With wait=True, wait here first (`timeout` "
+          "seconds at most: TimeoutError).")
+      .def_property_readonly(
+          "remote_name",
+          [](const py_context& c) -> py::object {
+            auto& pr = c.router.cast<py_router&>();
+            auto it = pr.remote_names.find(c.ctx.id());
+            if (it == pr.remote_names.end()) return py::none();
+            return py::str(it->second);
+          },
+          "The title the context was started with (its argv[0] is mitogen:<remote_name>), or None for a "
+          "context this router did not start itself.")
       .def("__repr__", &repr)
       .def("__eq__",
            [](const py_context& a, py::object other) {
@@ -239,6 +261,16 @@ void register_context(py::module_& m) {
       .def("__hash__", [](const py_context& c) {
         return std::hash<std::uint32_t>()(c.ctx.id()) ^ std::hash<const void*>()(c.ctx.get_router().get());
       });
+
+  py::class_<py_shutdown>(m, "ShutdownLatch",
+                          "What Context.shutdown() returns: get() waits until the context has exited.")
+      .def(
+          "get",
+          [](const py_shutdown& self, py::object timeout) { self.get(seconds_option("timeout", timeout)); },
+          py::arg("timeout") = py::none(),
+          "Wait until the context has exited (TimeoutError after `timeout` seconds); returns None.")
+      .def("ready", &py_shutdown::ready, "True once the context has exited.")
+      .def("__repr__", [](const py_shutdown& self) { return "ShutdownLatch(" + self.name + ")"; });
 
   py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
       .def(

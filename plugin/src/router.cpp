@@ -112,7 +112,9 @@ void register_router(py::module_& m) {
             o.log_level = log_level;
             o.connect_timeout = std::chrono::milliseconds(static_cast<long>(connect_timeout * 1000));
             auto r = pr.r;
+            auto title = o.remote_name.value_or(mitogen::default_remote_name());
             mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::local(*r, o); });
+            pr.remote_names[c.id()] = std::move(title);
             if (name) c = mitogen::context(c.get_router(), c.id(), *name);
             return make_context(std::move(c), self);
           },
@@ -159,7 +161,9 @@ void register_router(py::module_& m) {
             else
               throw py::value_error("transport must be 'libssh2' or 'openssh'");
             auto r = pr.r;
+            auto title = o.remote_name.value_or(mitogen::default_remote_name());
             mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::ssh(*r, o); });
+            pr.remote_names[c.id()] = std::move(title);
             if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
             return make_context(std::move(c), self);
           },
@@ -213,7 +217,10 @@ void register_router(py::module_& m) {
             } else {
               throw py::value_error("method must be 'sudo', 'su' or 'doas'");
             }
+            auto title = get("remote_name").is_none() ? mitogen::default_remote_name()
+                                                      : get("remote_name").cast<std::string>();
             mitogen::context c = start_context(r, std::move(connect));
+            pr.remote_names[c.id()] = std::move(title);
             if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
             return make_context(std::move(c), self);
           },
@@ -246,6 +253,19 @@ void register_router(py::module_& m) {
             return make_context(mitogen::context(pr.r, id, name ? *name : pr.r->name_of(id)), self);
           },
           py::arg("context_id"), py::arg("name") = py::none(), "A Context for a known context id.")
+      .def(
+          "_disconnect",
+          [](py_router& self, std::uint32_t id) {
+            // Only a context whose own stream this router holds, as upstream.
+            if (self.r->routed_via(id) != id) return false;
+            auto s = self.r->stream_for(id);
+            if (!s) return false;
+            nogil g;
+            s->close(make_error_code(mitogen::errc::child_died), "disconnected by Router.disconnect()");
+            return true;
+          },
+          py::arg("context_id"),
+          "Close the stream of directly connected context `context_id`; False if there is none.")
       .def(
           "shutdown",
           [](py_router& self) { self.r->shutdown(); },
