@@ -118,3 +118,80 @@ def test_receiver_and_shutdown_timeouts(router):
         ctx.shutdown(wait=True, timeout=[5])
     assert 'timeout' in str(e.value)
     ctx.shutdown(wait=True, timeout='30')
+
+
+def _doc_table_options(path, heading):
+    """Option names in the first column of the table under `heading`."""
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, '..', '..', 'docs', path)) as f:
+        text = f.read()
+    table = text[text.index(heading):]
+    names = []
+    for line in table.splitlines()[1:]:
+        if line.startswith('#'):
+            break
+        if line.startswith('| `'):
+            names += re.findall(r'`(\w+)`', line.split('|')[1])
+    return names
+
+
+def _documented_params(fn):
+    import inspect
+    doc = inspect.getdoc(fn)
+    params = [p for p in inspect.signature(fn).parameters if p not in ('self', 'kwargs')]
+    missing = [p for p in params if not any(
+        line.strip().startswith(':param') and p in line.split(':')[1].replace(',', ' ').split()
+        for line in doc.splitlines())]
+    return params, missing
+
+
+def test_ssh_takes_every_option_docs_ssh_md_lists():
+    import inspect
+    documented = _doc_table_options('ssh.md', '## Options')
+    assert {'identity_files', 'use_agent', 'keepalive_count', 'compression',
+            'max_message_size', 'log_level'} <= set(documented)
+    params = inspect.signature(mitogen_native.master.Router.ssh).parameters
+    assert [o for o in documented if o not in params] == []
+    # and upstream's names for the same things
+    assert {'identity_file', 'identities_only', 'ssh_debug_level', 'compression'} <= set(params)
+
+
+def test_local_takes_every_option_the_docs_list():
+    import inspect
+    documented = _doc_table_options('getting-started.md', 'Options of `local()`')
+    assert {'log_level', 'max_message_size'} <= set(documented)
+    params = inspect.signature(mitogen_native.master.Router.local).parameters
+    assert [o for o in documented if o not in params] == []
+
+
+@pytest.mark.parametrize('method', ['local', 'ssh', 'sudo'])
+def test_docstrings_document_every_parameter(method):
+    params, missing = _documented_params(getattr(mitogen_native.master.Router, method))
+    assert params and missing == []
+
+
+def test_local_max_message_size_and_log_level(router, caplog):
+    import logging
+    small = router.local(max_message_size='65536', log_level='DEBUG')
+    assert small.call(remote_helpers.identity, 'x' * 1000) == 'x' * 1000
+    with pytest.raises(mitogen_native.core.ChannelError):
+        small.call(remote_helpers.identity, 'x' * 100000)
+    assert router.local().call(remote_helpers.identity, 'x' * 100000) == 'x' * 100000
+    with pytest.raises(ValueError):
+        router.local(log_level='LOUD')
+
+
+@pytest.mark.skipif(not CAN_RUN_SSHD, reason='needs root and openssh-server for a loopback sshd')
+def test_ssh_documented_and_upstream_options_connect(sshd, router):
+    kw = ssh_kwargs(sshd)
+    key = kw.pop('identity_file')
+    a = router.ssh(identity_files=[key], use_agent=False, keepalive_count=5,
+                   keepalive_interval='10', compression=True, max_message_size=1 << 20,
+                   log_level='INFO', **kw)
+    b = router.ssh(identity_file=key, identities_only=True, ssh_debug_level=1,
+                   compression='yes', **kw)
+    c = router.ssh(identity_file=key, ssh_debug_level=1, transport='openssh', **kw)
+    assert len({a.call(os.getpid), b.call(os.getpid), c.call(os.getpid), os.getpid()}) == 4
+    with pytest.raises(mitogen_native.core.ChannelError):
+        a.call(remote_helpers.identity, 'x' * (2 << 20))
