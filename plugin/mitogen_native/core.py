@@ -12,9 +12,11 @@ from mitogen_native import _native
 
 from mitogen_native._wire import (  # the wire types, re-exported here
     Error, CallError, ChannelError, FileError, StreamError, PasswordError,
+    EofError, HostKeyError, ConnectTimeoutError,
     TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError)
 from mitogen_native._channels import Message, Receiver, Channel, Latch
 for _cls in (Error, CallError, ChannelError, FileError, StreamError, PasswordError,
+             EofError, HostKeyError, ConnectTimeoutError,
              TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError,
              Message, Receiver, Channel, Latch):
     _cls.__module__ = __name__

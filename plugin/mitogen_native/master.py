@@ -10,6 +10,7 @@ import zipimport
 from mitogen_native import _native
 from mitogen_native import _channels
 from mitogen_native import _options as _o
+from mitogen_native import _wire
 from mitogen_native import core
 
 
@@ -185,7 +186,7 @@ class Router(_native.Router):
         """Refuse, before anything is started or checked, once this router or
         its broker was shut down: every method gives the same answer."""
         if self.__dict__.get('_shut_down') or self.broker.shutting_down:
-            raise core.StreamError(self._SHUT_DOWN)
+            raise _wire._stream_error('broker_shut_down', self._SHUT_DOWN)
 
     def shutdown(self):
         """Ask this router's contexts to exit, then (once they have, or after half

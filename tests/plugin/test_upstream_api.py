@@ -151,3 +151,62 @@ def test_cast_gives_plain_types(context):
     assert mitogen_native.utils.cast(context) is context
     with pytest.raises(TypeError):
         mitogen_native.utils.cast({1, 2})
+
+
+# -- exceptions programs tell apart without parsing text (issue 13 §6) -------
+
+def test_stream_error_subclasses_have_upstream_names_and_codes(router):
+    import mitogen_native.parent
+    import mitogen_native.ssh
+    import mitogen_native.sudo
+    import mitogen_native.su
+    import mitogen_native.doas
+    core = mitogen_native.core
+    assert mitogen_native.ssh.HostKeyError is core.HostKeyError
+    assert mitogen_native.parent.EofError is core.EofError
+    for m in (mitogen_native.ssh, mitogen_native.sudo, mitogen_native.su, mitogen_native.doas):
+        assert m.PasswordError is core.PasswordError
+    for cls in (core.EofError, core.HostKeyError, core.PasswordError, core.ConnectTimeoutError):
+        assert issubclass(cls, core.StreamError)
+    assert issubclass(core.ConnectTimeoutError, core.TimeoutError)
+    # A local child that exits during start-up: EofError, code child_died.
+    with pytest.raises(mitogen_native.parent.EofError) as e:
+        router.local(python_path='/bin/false')
+    assert e.value.code in ('child_died', 'bootstrap_failed')
+    # An interpreter that cannot be started at all keeps the plain class.
+    with pytest.raises(core.StreamError) as e:
+        router.local(python_path='/nonexistent/python')
+    assert e.value.code == 'spawn_failed'
+    assert not isinstance(e.value, core.EofError)
+
+
+def test_connection_refused_is_eof_error(router):
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(mitogen_native.core.EofError) as e:
+        router.ssh(hostname='127.0.0.1', port=port, connect_timeout=20)
+    assert e.value.code == 'host_unreachable'
+
+
+def test_connect_timeout_is_both_stream_and_timeout_error(router):
+    # A listener that never answers the SSH handshake.
+    s = socket.socket()
+    s.bind(('127.0.0.1', 0))
+    s.listen(1)
+    try:
+        with pytest.raises(mitogen_native.core.TimeoutError) as e:
+            router.ssh(hostname='127.0.0.1', port=s.getsockname()[1], connect_timeout=0.5)
+        assert isinstance(e.value, mitogen_native.core.StreamError)
+        assert e.value.code == 'connect_timeout'
+    finally:
+        s.close()
+
+
+def test_shut_down_router_error_has_its_code(broker):
+    router = mitogen_native.master.Router(broker)
+    broker.shutdown()
+    with pytest.raises(mitogen_native.core.StreamError) as e:
+        router.local()
+    assert e.value.code == 'broker_shut_down'
