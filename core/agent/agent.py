@@ -2599,6 +2599,10 @@ def _read_until(fd, buf, marker, deadline, noise):
         if poller.poll(remaining * 1000):
             chunk = os.read(fd, _READ_SIZE)
             if not chunk:
+                # What it said before going ("This account is currently not
+                # available.") is the reason: keep it for the message.
+                if len(noise) < 4096:
+                    noise += buf[:4096 - len(noise)]
                 raise _BootError('child_died', 'the child exited during '
                                  'bootstrap')
             buf += chunk
@@ -2607,6 +2611,15 @@ def _read_until(fd, buf, marker, deadline, noise):
 def _boot_error_text(proc, err):
     """`err`'s text plus what the child said on stderr (briefly waited for)."""
     text = str(err)
+    # How it ended, if it did on its own (briefly waited for).
+    try:
+        status = proc.wait(0.3)
+    except Exception:
+        status = None
+    if status is not None and status >= 0:
+        text += '; the child exited with status %d' % (status,)
+    elif status is not None:
+        text += '; the child was killed by signal %d' % (-status,)
     try:
         proc.kill()
     except Exception:

@@ -72,6 +72,10 @@ _native._register_types(
 
 def _emit(batch):
     for context_name, context_id, name, level, text in batch:
+        # The core and the agents start many messages with "mitogen: ", which
+        # their logger's name ('mitogen') already says.
+        if text.startswith('mitogen: ') and (name == 'mitogen' or name.startswith('mitogen.')):
+            text = text[len('mitogen: '):]
         if context_name is None:
             logger = logging.getLogger(name)
             if logger.isEnabledFor(level):

@@ -1,5 +1,6 @@
 """Child output and logs reach Python's logging."""
 import logging
+import os
 import time
 
 import pytest
@@ -74,3 +75,75 @@ def test_each_local_context_has_its_own_name_and_logger(router, caplog):
     assert rb.name == 'mitogen.ctx.local.%d' % pb
     # remote_name still names the context as well as its argv title.
     assert router.local(remote_name='named').name == 'named'
+
+
+# -- a failed start keeps its reason, said once (issue 13 §9) ----------------
+
+def test_failed_start_gives_exit_status_and_stderr(router):
+    import mitogen_native.core
+    with pytest.raises(mitogen_native.core.StreamError) as e:
+        router.local(python_path='/bin/false')
+    assert 'exited with status 1' in str(e.value)
+    with pytest.raises(mitogen_native.core.StreamError) as e:
+        router.local(python_path=['/bin/sh', '-c', 'echo oops-4711 >&2; exit 3'])
+    assert 'exited with status 3' in str(e.value) and 'oops-4711' in str(e.value)
+
+
+def test_failed_start_stderr_is_not_printed_without_logging():
+    from conftest import run_script
+    proc = run_script('''if 1:
+        import mitogen_native.master, mitogen_native.core
+        with mitogen_native.master.Router() as router:
+            try:
+                router.local(python_path=['/bin/sh', '-c', 'echo oops-4711 >&2; exit 3'])
+            except mitogen_native.core.StreamError as e:
+                print('raised', 'oops-4711' in str(e))
+    ''')
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == 'raised True'
+    assert 'oops-4711' not in proc.stderr
+
+
+def test_boot_stderr_of_a_successful_start_is_logged_once(router, caplog):
+    import sys
+    caplog.set_level(logging.DEBUG, logger='mitogen')
+    ctx = router.local(python_path=[
+        '/bin/sh', '-c', 'echo said-at-boot-4711 >&2; exec "$0" "$@"', sys.executable])
+    ctx.call(remote_helpers.say, 'after boot')   # the log pump has moved on
+    assert _wait_for(caplog, lambda r: 'after boot' in r.getMessage())
+    said = [r for r in caplog.records if 'said-at-boot-4711' in r.getMessage()
+            and r.levelno >= logging.WARNING]
+    assert len(said) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason='su to another user needs root')
+def test_su_to_a_nologin_account_via_a_context_says_why(router):
+    import pwd
+    import mitogen_native.core
+    try:
+        shell = pwd.getpwnam('nobody').pw_shell
+    except KeyError:
+        pytest.skip('no user nobody')
+    if 'nologin' not in shell:
+        pytest.skip('nobody has a login shell here')
+    direct = via = None
+    with pytest.raises(mitogen_native.core.StreamError) as direct:
+        router.su(username='nobody', connect_timeout=20)
+    with pytest.raises(mitogen_native.core.StreamError) as via:
+        router.su(username='nobody', via=router.local(), connect_timeout=20)
+    for e in (direct, via):
+        assert 'currently not available' in str(e.value)
+
+
+def test_log_lines_do_not_repeat_the_prefix(router, caplog):
+    import mitogen_native.core
+    caplog.set_level(logging.INFO)
+    ctx = router.local(max_message_size=65536)
+    with pytest.raises(mitogen_native.core.ChannelError):
+        ctx.call(remote_helpers.identity, 'x' * 100000)
+    rec = _wait_for(caplog, lambda r: 'max_message_size' in r.getMessage())
+    assert rec is not None
+    assert rec.getMessage() == 'mitogen: frame of 100069 bytes exceeds max_message_size 65536: exiting'
+    # The core's own records (logger 'mitogen') do not start with it either.
+    assert not any('mitogen: mitogen:' in '%s: %s' % (r.name, r.getMessage())
+                   for r in caplog.records)

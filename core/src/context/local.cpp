@@ -60,6 +60,7 @@ context local(router& r, const local_options& o) {
   const std::string name = o.remote_name ? *o.remote_name : "local." + std::to_string(child.pid);
 
   auto boot = std::make_shared<detail::boot_state>();
+  boot->wants_status = true;  // a failed start says how the child ended
   detail::start_stderr_reader(b->io(), child.stderr_r, boot, name);
   detail::boot_request req;
   req.id = id;
@@ -70,8 +71,9 @@ context local(router& r, const local_options& o) {
   req.opts = &o;
   req.preamble = std::move(preamble);
   // Reap the child whenever its stream goes, whatever the reason.
-  req.teardown = [b, pid = child.pid](std::function<void()> done) {
-    detail::reap_child(b, pid, std::chrono::milliseconds(1000), std::move(done));
+  req.teardown = [b, pid = child.pid, boot](std::function<void()> done) {
+    detail::reap_child(b, pid, std::chrono::milliseconds(1000), std::move(done),
+                       [boot](int status) { boot->set_exit_status(status); });
   };
   return detail::run_bootstrap(r, std::move(req));
 }
