@@ -3,6 +3,8 @@
 // send, release the GIL, wait, convert the reply.
 #include <utility>
 
+#include <spdlog/spdlog.h>
+
 #include "bindings.hpp"
 
 namespace mitogen::python {
@@ -128,6 +130,11 @@ mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const c
   if (args.empty()) throw py::type_error(std::string(method) + "() missing the function to call");
   mitogen::call_spec spec;
   describe_fn(PySequence_Fast_ITEMS(args.ptr())[0], spec);
+  // For enable_debug()'s log (the check keeps the call path free of formatting).
+  if (spdlog::default_logger_raw()->should_log(spdlog::level::debug))
+    spdlog::debug("mitogen: {} {}.{}{}() in context {} ({})", method, spec.module,
+                  spec.class_name ? *spec.class_name + "." : std::string(), spec.function, dst.ctx.id(),
+                  dst.ctx.name());
   // Senders of ours among the arguments let `dst` send to their handles (channels).
   grant_scope grants;
   spec.args = args_to_wire(args, 1);

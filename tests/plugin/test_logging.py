@@ -147,3 +147,23 @@ def test_log_lines_do_not_repeat_the_prefix(router, caplog):
     # The core's own records (logger 'mitogen') do not start with it either.
     assert not any('mitogen: mitogen:' in '%s: %s' % (r.name, r.getMessage())
                    for r in caplog.records)
+
+
+def test_enable_debug_log_holds_the_core_debug_messages(tmp_path):
+    from conftest import run_script
+    proc = run_script('''if 1:
+        import os, mitogen_native.master, mitogen_native.core, remote_helpers
+        with mitogen_native.master.Router() as router:
+            router.enable_debug()
+            ctx = router.local()
+            ctx.call(remote_helpers.add, 1, 2)
+            ctx.shutdown(wait=True, timeout=30)
+        print(mitogen_native.core.debug_log_path())
+    ''', env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    with open(proc.stdout.strip()) as f:
+        text = f.read()
+    for expected in ('starting context 1', 'booted in', 'call remote_helpers.add() in context 1',
+                     'disconnected'):
+        assert expected in text, (expected, text)
+    assert 'mitogen: mitogen:' not in text

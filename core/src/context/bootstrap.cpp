@@ -157,7 +157,8 @@ void boot_state::set_exit_status(int status) {
 
 bool boot_state::add_stderr(std::string_view bytes) {
   std::lock_guard lk(mu);
-  if (done) return false;
+  // After a failed start the last words still go into its error message.
+  if (done && ok) return false;
   if (stderr_text.size() < 16384) stderr_text.append(bytes.substr(0, 16384 - stderr_text.size()));
   return true;
 }
@@ -247,6 +248,11 @@ context run_bootstrap(router& r, boot_request req) {
   auto s = req.s;
   const std::uint32_t id = req.id;
 
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed_ms = [t0] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  };
+  spdlog::debug("mitogen: starting context {} ({}), title mitogen:{}", id, req.name, req.remote_name);
   if (req.teardown) r.add_teardown(id, std::move(req.teardown));
   r.add_route(id, req.name, s);
   // Fails the bootstrap when the stream dies before MITO001.
@@ -293,6 +299,7 @@ context run_bootstrap(router& r, boot_request req) {
     // now, once, as a warning.
     std::string said = std::move(boot->stderr_text);
     lk.unlock();
+    spdlog::debug("mitogen: context {} ({}) booted in {} ms", id, req.name, elapsed_ms());
     for (std::size_t at = 0; at < said.size();) {
       auto end = said.find('\n', at);
       if (end == std::string::npos) end = said.size();
@@ -328,6 +335,7 @@ context run_bootstrap(router& r, boot_request req) {
   lk.unlock();
   b->defer([timer] { timer->cancel(); });
   r.del_handler(watch);
+  spdlog::debug("mitogen: context {} ({}) failed to start after {} ms", id, req.name, elapsed_ms());
   throw stream_error(ec, msg);
 }
 

@@ -95,7 +95,7 @@ struct boot_state {
   /// Record how the process ended (a waitpid status) in `note`. Any thread.
   void set_exit_status(int status);
   /// Keep stderr bytes (bounded) for the error message; false (and nothing kept)
-  /// once the start has finished.
+  /// once the start has succeeded.
   bool add_stderr(std::string_view bytes);
   /// No more stderr will come.
   void stderr_closed();
