@@ -196,6 +196,39 @@ py::object make_context(mitogen::context ctx, const py::object& router) {
 }
 
 void register_context(py::module_& m) {
+  // The result classes first, so that the Context methods' signatures show their
+  // Python names rather than C++ ones.
+  py::class_<py_shutdown>(m, "ShutdownLatch",
+                          "What Context.shutdown() returns: get() waits until the context has exited.")
+      .def(
+          "get",
+          [](const py_shutdown& self, py::object timeout) { self.get(seconds_option("timeout", timeout)); },
+          py::arg("timeout") = py::none(),
+          "Wait until the context has exited (TimeoutError after `timeout` seconds); returns None.")
+      .def("ready", &py_shutdown::ready, "True once the context has exited.")
+      .def("__repr__", [](const py_shutdown& self) { return "ShutdownLatch(" + self.name + ")"; });
+
+  py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
+      .def(
+          "get",
+          [](py_receiver& self, py::object timeout_o) {
+            auto timeout = seconds_option("timeout", timeout_o);
+            if (!self.reply) self.reply = wait_message(*self.rx, timeout);
+            return result_of(self.owner, *self.reply);
+          },
+          py::arg("timeout") = py::none(),
+          "Wait for the call's result and return it (raising CallError, ChannelError, or TimeoutError when "
+          "`timeout` seconds pass first). May be called again: it returns the same result.")
+      .def(
+          "ready",
+          [](py_receiver& self) {
+            if (!self.reply) self.reply = self.rx->try_get();
+            return self.reply.has_value();
+          },
+          "True once the result has arrived (get() will not block).")
+      .def_property_readonly("context", [](const py_receiver& self) { return make_context(self.owner.ctx, self.owner.router); })
+      .def_property_readonly("handle", [](const py_receiver& self) { return self.rx->handle(); });
+
   py::class_<py_context>(m, "Context", py::dynamic_attr(),
                          "A context (a Python program under this one's control) and the calls into it.")
       .def(py::init([](py::object router, std::uint32_t id, std::optional<std::string> name) {
@@ -268,37 +301,6 @@ void register_context(py::module_& m) {
       .def("__hash__", [](const py_context& c) {
         return std::hash<std::uint32_t>()(c.ctx.id()) ^ std::hash<const void*>()(c.ctx.get_router().get());
       });
-
-  py::class_<py_shutdown>(m, "ShutdownLatch",
-                          "What Context.shutdown() returns: get() waits until the context has exited.")
-      .def(
-          "get",
-          [](const py_shutdown& self, py::object timeout) { self.get(seconds_option("timeout", timeout)); },
-          py::arg("timeout") = py::none(),
-          "Wait until the context has exited (TimeoutError after `timeout` seconds); returns None.")
-      .def("ready", &py_shutdown::ready, "True once the context has exited.")
-      .def("__repr__", [](const py_shutdown& self) { return "ShutdownLatch(" + self.name + ")"; });
-
-  py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
-      .def(
-          "get",
-          [](py_receiver& self, py::object timeout_o) {
-            auto timeout = seconds_option("timeout", timeout_o);
-            if (!self.reply) self.reply = wait_message(*self.rx, timeout);
-            return result_of(self.owner, *self.reply);
-          },
-          py::arg("timeout") = py::none(),
-          "Wait for the call's result and return it (raising CallError, ChannelError, or TimeoutError when "
-          "`timeout` seconds pass first). May be called again: it returns the same result.")
-      .def(
-          "ready",
-          [](py_receiver& self) {
-            if (!self.reply) self.reply = self.rx->try_get();
-            return self.reply.has_value();
-          },
-          "True once the result has arrived (get() will not block).")
-      .def_property_readonly("context", [](const py_receiver& self) { return make_context(self.owner.ctx, self.owner.router); })
-      .def_property_readonly("handle", [](const py_receiver& self) { return self.rx->handle(); });
 }
 
 }  // namespace mitogen::python

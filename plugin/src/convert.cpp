@@ -99,7 +99,7 @@ std::string utf8_of(PyObject* o) {
 
 wire::value convert(PyObject* o, const path_node* where, int depth) {
   if (depth > max_depth)
-    throw py::value_error("cannot send value nested more than " + std::to_string(max_depth) + " deep at " +
+    throw py::type_error("cannot send value nested more than " + std::to_string(max_depth) + " deep at " +
                           render(where));
   PyTypeObject* t = Py_TYPE(o);
   // The common types first, by exact type; bool before int is implied (bool is its own type).

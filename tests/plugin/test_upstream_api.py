@@ -210,3 +210,13 @@ def test_shut_down_router_error_has_its_code(broker):
     with pytest.raises(mitogen_native.core.StreamError) as e:
         router.local()
     assert e.value.code == 'broker_shut_down'
+
+
+def test_no_docstring_shows_a_cpp_name():
+    import mitogen_native.master
+    core = mitogen_native.core
+    for cls in (core.Context, core.CallReceiver, core.ShutdownLatch, core.Receiver,
+                mitogen_native.master.Router, mitogen_native.master.Broker):
+        for attr in dir(cls):
+            doc = getattr(getattr(cls, attr, None), '__doc__', None) or ''
+            assert 'mitogen::' not in doc, (cls, attr, doc)
