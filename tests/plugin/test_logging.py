@@ -167,3 +167,62 @@ def test_enable_debug_log_holds_the_core_debug_messages(tmp_path):
                      'disconnected'):
         assert expected in text, (expected, text)
     assert 'mitogen: mitogen:' not in text
+
+
+# -- output is not lost (issue 13 §4) ----------------------------------------
+
+def _lines_from(caplog, context_name, logger='stdout'):
+    out = []
+    for r in caplog.records:
+        if getattr(r, 'mitogen_context_name', None) == context_name and r.mitogen_name == logger:
+            out.extend(r.mitogen_message.split('\n'))
+    return out
+
+
+def _wait_lines(caplog, context_name, n, within=120.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        lines = _lines_from(caplog, context_name)
+        if len(lines) >= n:
+            return lines
+        time.sleep(0.05)
+    return _lines_from(caplog, context_name)
+
+
+def test_every_printed_line_arrives_in_few_records(router, caplog):
+    caplog.set_level(logging.INFO)
+    ctx = router.local()
+    assert ctx.call(remote_helpers.print_lines, 50000) == 50000
+    lines = _wait_lines(caplog, ctx.name, 50000)
+    assert lines == ['line %d' % i for i in range(50000)]
+    records = [r for r in caplog.records if getattr(r, 'mitogen_context_name', None) == ctx.name]
+    assert len(records) < 25000   # coalesced: several lines per record
+    assert not any('dropp' in r.getMessage() for r in caplog.records)
+
+
+def test_output_beyond_the_budget_waits_instead_of_being_dropped(router, caplog):
+    # 24 MiB of output: more than the agent's burst (16 MiB), so the writer is
+    # held back until the budget refills; nothing is lost.
+    caplog.set_level(logging.INFO)
+    ctx = router.local()
+    n = 24 * 1024 * 1024 // 128
+    assert ctx.call(remote_helpers.print_lines, n, 127) == n
+    lines = _wait_lines(caplog, ctx.name, n)
+    assert len(lines) == n and lines[-1].rstrip() == 'line %d' % (n - 1)
+    ctx.shutdown(wait=True, timeout=30)
+    assert not any('dropp' in r.getMessage() for r in caplog.records)
+
+
+def test_a_child_ignoring_the_budget_is_cut_to_it_and_told(router, caplog):
+    caplog.set_level(logging.INFO)
+    ctx = router.local()
+    n = 50000
+    assert ctx.call(remote_helpers.flood_log_records, n) == n
+    assert ctx.call(remote_helpers.add, 1, 2) == 3        # the master is fine
+    ctx.shutdown(wait=True, timeout=30)
+    report = _wait_for(caplog, lambda r: 'log records (' in r.getMessage() and 'dropped' in r.getMessage())
+    assert report is not None and report.name == 'mitogen'
+    import re
+    dropped = int(re.search(r'dropped (\d+) log records', report.getMessage()).group(1))
+    got = [r for r in caplog.records if getattr(r, 'mitogen_name', None) == 'flood']
+    assert dropped > 0 and len(got) + dropped == n
