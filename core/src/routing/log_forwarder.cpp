@@ -18,7 +18,7 @@ void log_forwarder::on_record(std::uint32_t from_id, const std::string& data) {
   if (b.tokens < 1.0 || b.bytes < size) {
     b.dropped_bytes += data.size();
     if (b.dropped++ == 0)
-      spdlog::warn("mitogen: context {} ({}) sends more than {} log records or {} MiB per second; dropping the excess "
+      spdlog::warn("mitogen: context {} ({}) sends more than {} log records per second or {} MiB per second; dropping the excess "
                    "(logged once)",
                    from_id, name_of_(from_id), router::log_rate, byte_rate / (1024 * 1024));
     return;
