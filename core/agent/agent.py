@@ -580,8 +580,52 @@ def _debug_log(level, text):
 
 
 def _forward_log(name, levelno, text):
-    _send(0, FORWARD_LOG,
-          ('%s\0%d\0%s' % (name, levelno, text)).encode('utf-8', 'replace'))
+    data = ('%s\0%d\0%s' % (name, levelno, text)).encode('utf-8', 'replace')
+    _send(0, FORWARD_LOG, data)
+    return len(data)
+
+
+class _Pacer(object):
+    """What this context forwards as output and `logging` records stays within
+    half the master's per-context budget (log_forwarder.hpp: 2000 records and
+    8 MiB per second, bursts of 10000 and 32 MiB), so the master never drops
+    what well-behaved code prints: a writer beyond it waits (the output pipe
+    fills and print() blocks; a logging call sleeps) instead. A token bucket
+    that may go into debt by one record."""
+    RECORDS, RECORD_BURST = 1000.0, 5000.0
+    BYTES, BYTE_BURST = 4.0 * 1024 * 1024, 16.0 * 1024 * 1024
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self._records, self._bytes = self.RECORD_BURST, self.BYTE_BURST
+        self._t = time.monotonic()
+
+    def delay(self):
+        """Seconds to wait before the next record may go (0: now)."""
+        with self._lock:
+            now = time.monotonic()
+            dt, self._t = now - self._t, now
+            self._records = min(self.RECORD_BURST, self._records + dt * self.RECORDS)
+            self._bytes = min(self.BYTE_BURST, self._bytes + dt * self.BYTES)
+            return max(0.0, (1.0 - self._records) / self.RECORDS,
+                       -self._bytes / self.BYTES)
+
+    def spent(self, nbytes):
+        with self._lock:
+            self._records -= 1
+            self._bytes -= nbytes
+
+    def forward(self, name, levelno, text):
+        """Forward one record, first waiting for the budget (backpressure on
+        the calling thread)."""
+        wait = self.delay()
+        while wait > 0:
+            time.sleep(min(wait, 0.1))
+            wait = self.delay()
+        self.spent(_forward_log(name, levelno, text))
+
+
+_pacer = _Pacer()
 
 
 def _log(level, fmt, *args):
@@ -1306,7 +1350,8 @@ def _file_id(value, kind):
             return grp.getgrnam(value).gr_gid
         except KeyError:
             pass
-    raise ValueError('unknown %s %r' % (kind, value))
+    # An OSError with its errno: the controller's FileError carries it (EINVAL).
+    raise OSError(22, 'unknown %s %r' % (kind, value))
 
 
 def _file_temp(path):
@@ -1478,27 +1523,35 @@ _pipes = {}                           # read fd -> [logger name, partial line]
 
 
 def _pump(fd):
-    """Forward the complete lines fd has ready. Returns True if data was
-    read, None if none was ready, False at EOF (the partial line is then
-    forwarded too)."""
+    """Forward the complete lines fd has ready, as one record (the lines
+    separated by newlines): consecutive lines cost the master one record, not
+    one each. Returns True if data was read, None if none was ready, False at
+    EOF (the partial line is then forwarded too), or the seconds to wait
+    before reading again when this context is over its output budget
+    (_Pacer): nothing is read meanwhile, so the writer blocks on the full pipe
+    rather than its output being dropped."""
     name_partial = _pipes[fd]
+    wait = _pacer.delay()
+    if wait > 0:
+        return wait
     try:
         chunk = os.read(fd, _READ_SIZE)
     except BlockingIOError:
         return None
     if not chunk:
         if name_partial[1]:
-            _forward_log(name_partial[0], INFO,
-                         name_partial[1].decode('utf-8', 'replace'))
+            _pacer.spent(_forward_log(name_partial[0], INFO,
+                                      name_partial[1].decode('utf-8', 'replace')))
             name_partial[1] = b''
         return False
-    lines = (name_partial[1] + chunk).split(b'\n')
-    name_partial[1] = lines.pop()
-    if len(name_partial[1]) >= _READ_SIZE:   # no newline in sight: send it
-        lines.append(name_partial[1])
+    text, newline, partial = (name_partial[1] + chunk).rpartition(b'\n')
+    name_partial[1] = partial
+    if len(partial) >= _READ_SIZE:   # no newline in sight: send it
+        text = text + b'\n' + partial if newline else partial
         name_partial[1] = b''
-    for line in lines:
-        _forward_log(name_partial[0], INFO, line.decode('utf-8', 'replace'))
+    elif not newline:
+        return True   # no complete line yet
+    _pacer.spent(_forward_log(name_partial[0], INFO, text.decode('utf-8', 'replace')))
     return True
 
 
@@ -1513,11 +1566,16 @@ def _flush_output():
         return
     try:
         for fd, name_partial in _pipes.items():
-            while _pump(fd):
-                pass
+            while True:
+                got = _pump(fd)
+                if got is True:
+                    continue
+                if not got:
+                    break
+                time.sleep(min(got, 0.1))   # over budget: wait, lose nothing
             if name_partial[1]:
-                _forward_log(name_partial[0], INFO,
-                             name_partial[1].decode('utf-8', 'replace'))
+                _pacer.forward(name_partial[0], INFO,
+                               name_partial[1].decode('utf-8', 'replace'))
                 name_partial[1] = b''
     finally:
         _fwd_lock.release()
@@ -1556,8 +1614,17 @@ def _watch(in_fd):
         poller.register(in_fd, 0)
         for fd in _pipes:
             poller.register(fd, select.POLLIN)
+        # While over the output budget, only the parent is watched.
+        parent_only = select.poll()
+        parent_only.register(in_fd, 0)
+        wait = 0
         while True:
-            for fd, event in poller.poll():
+            if wait > 0:
+                events = parent_only.poll(min(wait, 0.1) * 1000)
+                wait = 0
+            else:
+                events = poller.poll()
+            for fd, event in events:
                 if fd == in_fd:
                     if _out_fd is not None:
                         # Don't let a dead parent's full pipe block the exit.
@@ -1567,8 +1634,11 @@ def _watch(in_fd):
                             pass
                     _exit(0, 'parent hung up')
                 with _fwd_lock:
-                    if _pump(fd) is False:
-                        poller.unregister(fd)
+                    got = _pump(fd)
+                if got is False:
+                    poller.unregister(fd)
+                elif isinstance(got, float):
+                    wait = got
     except BaseException as e:
         _log(ERROR, 'watcher thread failed: %r', e)
         _exit(1)
@@ -1593,7 +1663,7 @@ def _install_log_handler(logging):
                 return
             _emitting.add(ident)
             try:
-                _forward_log(record.name, record.levelno, self.format(record))
+                _pacer.forward(record.name, record.levelno, self.format(record))
             except Exception:
                 pass   # never report via logging or stderr: it would loop
             finally:
@@ -2598,6 +2668,10 @@ def _read_until(fd, buf, marker, deadline, noise):
         if poller.poll(remaining * 1000):
             chunk = os.read(fd, _READ_SIZE)
             if not chunk:
+                # What it said before going ("This account is currently not
+                # available.") is the reason: keep it for the message.
+                if len(noise) < 4096:
+                    noise += buf[:4096 - len(noise)]
                 raise _BootError('child_died', 'the child exited during '
                                  'bootstrap')
             buf += chunk
@@ -2606,6 +2680,15 @@ def _read_until(fd, buf, marker, deadline, noise):
 def _boot_error_text(proc, err):
     """`err`'s text plus what the child said on stderr (briefly waited for)."""
     text = str(err)
+    # How it ended, if it did on its own (briefly waited for).
+    try:
+        status = proc.wait(0.3)
+    except Exception:
+        status = None
+    if status is not None and status >= 0:
+        text += '; the child exited with status %d' % (status,)
+    elif status is not None:
+        text += '; the child was killed by signal %d' % (-status,)
     try:
         proc.kill()
     except Exception:

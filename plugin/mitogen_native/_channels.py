@@ -29,7 +29,8 @@ class Message(object):
 
     _unset = object()
 
-    def __init__(self, router, dst_id, src_id, auth_id, handle, reply_to, data):
+    def __init__(self, router=None, dst_id=None, src_id=None, auth_id=None,
+                 handle=None, reply_to=None, data=b''):
         self.router = router
         self.dst_id = dst_id
         self.src_id = src_id
@@ -39,6 +40,15 @@ class Message(object):
         self.data = data
         self.receiver = None
         self._value = Message._unset
+
+    @classmethod
+    def pickled(cls, obj, **kwargs):
+        """A message carrying `obj`, for :meth:`Context.send` (upstream's
+        Message.pickled). `kwargs` set ``handle``, ``reply_to``, ... The value
+        is checked and encoded when it is sent."""
+        msg = cls(**kwargs)
+        msg._value = obj
+        return msg
 
     @property
     def is_dead(self):

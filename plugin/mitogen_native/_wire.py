@@ -77,16 +77,62 @@ class FileError(Error, OSError):
 
 
 class StreamError(Error):
-    """A context could not be started, or its connection broke the protocol."""
+    """A context could not be started, or its connection broke the protocol.
+
+    :attr:`code` names what happened, as the C++ core's error code does
+    (``'auth_failed'``, ``'host_key_unknown'``, ``'child_died'``, ...; see
+    docs/getting-started.md), or is None when there is no code. The subclasses
+    below carry upstream Mitogen's names for the cases programs tell apart."""
+    code = None
+
+
+class EofError(StreamError):
+    """The connection failed or closed while the context was starting: the host
+    was unreachable, or the child (or the remote command) exited before it had
+    booted; the message carries its stderr and exit status (upstream:
+    mitogen.parent.EofError)."""
+
+
+class HostKeyError(StreamError):
+    """The SSH server's host key was refused: unknown to ``known_hosts`` under
+    ``check_host_keys='enforce'``, or different from the recorded one
+    (upstream: mitogen.ssh.HostKeyError). The message shows its fingerprint."""
 
 
 class PasswordError(StreamError):
-    """sudo, su or doas refused the password given, or asked for one and none was
-    given (upstream: mitogen.sudo.PasswordError). The message says which."""
+    """A password was refused, or one was needed and none was given: by sudo,
+    su or doas, or by the SSH server (every credential refused) (upstream:
+    mitogen.sudo.PasswordError, mitogen.ssh.PasswordError, ...). The message
+    says which."""
 
 
 class TimeoutError(Error):
     """A wait given a timeout ran out of time. (Not the built-in TimeoutError.)"""
+
+
+class ConnectTimeoutError(StreamError, TimeoutError):
+    """A context did not start within ``connect_timeout``: both a StreamError
+    and a TimeoutError (upstream raises mitogen.core.TimeoutError there)."""
+
+
+_STREAM_ERRORS = {
+    'child_died': EofError,
+    'bootstrap_failed': EofError,
+    'host_unreachable': EofError,
+    'host_key_mismatch': HostKeyError,
+    'host_key_unknown': HostKeyError,
+    'auth_failed': PasswordError,
+    'become_password_wrong': PasswordError,
+    'become_password_required': PasswordError,
+    'connect_timeout': ConnectTimeoutError,
+}
+
+
+def _stream_error(code, message):
+    """The exception for a failure the core reports with error code `code`."""
+    e = _STREAM_ERRORS.get(code, StreamError)(message)
+    e.code = code
+    return e
 
 
 class Kwargs(dict):

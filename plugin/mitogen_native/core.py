@@ -12,9 +12,11 @@ from mitogen_native import _native
 
 from mitogen_native._wire import (  # the wire types, re-exported here
     Error, CallError, ChannelError, FileError, StreamError, PasswordError,
+    EofError, HostKeyError, ConnectTimeoutError,
     TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError)
 from mitogen_native._channels import Message, Receiver, Channel, Latch
 for _cls in (Error, CallError, ChannelError, FileError, StreamError, PasswordError,
+             EofError, HostKeyError, ConnectTimeoutError,
              TimeoutError, Kwargs, Blob, Secret, Sender, _DEAD, LatchError,
              Message, Receiver, Channel, Latch):
     _cls.__module__ = __name__
@@ -29,9 +31,33 @@ Context = _native.Context
 #: a :class:`Message`, as upstream's does.)
 CallReceiver = _native.Receiver
 CallReceiver.__name__ = CallReceiver.__qualname__ = 'CallReceiver'
-for _cls in (Context, CallReceiver):
+#: What ``Context.shutdown()`` returns; ``get(timeout=None)`` waits until the
+#: context has exited (upstream returns a Latch for the same purpose).
+ShutdownLatch = _native.ShutdownLatch
+for _cls in (Context, CallReceiver, ShutdownLatch):
     _cls.__module__ = __name__
 del _cls
+
+
+def _context_send(self, msg):
+    """Send `msg` (a :class:`Message`, e.g. ``Message.pickled(value,
+    handle=h)``, or one received and passed on) to this context's
+    ``msg.handle``, as upstream's Context.send(): ``dst_id`` is set to this
+    context. The value is checked and encoded here, with the serialization
+    rules of calls; a received message's bytes are sent as they are."""
+    if not isinstance(msg, Message):
+        raise TypeError('send() takes a Message, not %s' % type(msg).__name__)
+    if msg.handle is None:
+        raise ValueError('send(): the Message has no handle')
+    msg.dst_id = self.context_id
+    value = msg._value
+    raw = None
+    if value is Message._unset:
+        raw, value = bytes(msg.data), None
+    _native._send_message(self, int(msg.handle), int(msg.reply_to or 0), value, raw)
+
+
+Context.send = _context_send
 
 _native._register_types(
     Kwargs=Kwargs, Blob=Blob, Secret=Secret, CallError=CallError, Sender=Sender,
@@ -46,6 +72,10 @@ _native._register_types(
 
 def _emit(batch):
     for context_name, context_id, name, level, text in batch:
+        # The core and the agents start many messages with "mitogen: ", which
+        # their logger's name ('mitogen') already says.
+        if text.startswith('mitogen: ') and (name == 'mitogen' or name.startswith('mitogen.')):
+            text = text[len('mitogen: '):]
         if context_name is None:
             logger = logging.getLogger(name)
             if logger.isEnabledFor(level):

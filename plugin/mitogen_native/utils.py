@@ -53,3 +53,36 @@ def with_router(func):
     def wrapper(*args, **kwargs):
         return run_with_router(func, *args, **kwargs)
     return wrapper
+
+
+def cast(obj):
+    """`obj` with every container and string turned into the plain type the wire
+    accepts, as upstream's mitogen.utils.cast: dict subclasses (``OrderedDict``,
+    ``defaultdict``) become dict, list/tuple subclasses (a ``namedtuple``)
+    become list, str and bytes subclasses become str and bytes, int and float
+    subclasses (an ``IntEnum``) become int and float. None, bool, and the
+    classes of :mod:`mitogen_native.core` that may be sent (Context, CallError,
+    Kwargs, Blob, Secret, Sender, the dead marker) pass unchanged.
+
+    :raises TypeError: a value of any other type (a set, an object...)."""
+    if obj is None or type(obj) in _PASSTHROUGH:
+        return obj
+    if isinstance(obj, dict):
+        return dict((cast(k), cast(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return [cast(v) for v in obj]
+    if isinstance(obj, bool):
+        return bool(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return bytes(obj)
+    raise TypeError('Cannot serialize: %r: %r' % (type(obj), obj))
+
+
+_PASSTHROUGH = (bool, int, float, str, bytes, core.Context, core.CallError,
+                core.Kwargs, core.Blob, core.Secret, core.Sender, core._DEAD)

@@ -14,6 +14,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <unordered_map>
 #include <vector>
 
 #include "mitogen/mitogen.hpp"
@@ -40,6 +41,9 @@ struct py_router {
   bool debug = false;  ///< default of local(debug=...), set by enable_debug()
   /// Serves the controller's modules to this router's contexts (GET_MODULE).
   std::shared_ptr<mitogen::module_responder> responder;
+  /// The argv title (remote_name) each context started through this router was
+  /// given, for Context.remote_name. GIL held.
+  std::unordered_map<std::uint32_t, std::string> remote_names;
 };
 
 /// Python's Context: a core context plus the Python Router it belongs to, which is
@@ -64,6 +68,16 @@ struct wire_types {
   py::object Error, ChannelError, StreamError, TimeoutError;
 };
 wire_types& types();
+
+// ---- options (convert.cpp)
+
+/// An option of an API method checked and converted by mitogen_native._options
+/// (`fn`: "as_int", "as_float", "as_mode", ...): accepts what upstream accepts
+/// (numeric strings for numbers), otherwise raises TypeError naming `name` and
+/// the type expected. Returns None for None. GIL held.
+py::object option(const char* fn, const char* name, const py::object& v);
+/// option("as_float", name, v) as seconds, or nullopt for None. GIL held.
+std::optional<double> seconds_option(const char* name, const py::object& v);
 
 // ---- conversions (convert.cpp)
 

@@ -77,7 +77,7 @@ void register_broker(py::module_& m) {
            "once they have (or after half a second) their streams close and every waiting call is released. "
            "Does not block; follow with join().")
       .def(
-          "join", [](py_broker& self, std::optional<double> timeout) { join(self, timeout); },
+          "join", [](py_broker& self, py::object timeout) { join(self, seconds_option("timeout", timeout)); },
           py::arg("timeout") = py::none(), "Wait until the broker thread has finished (after shutdown()).")
       .def_property_readonly(
           "shutting_down", [](py_broker& self) { return self.stopping.load() || self.b->shutting_down(); },

@@ -357,6 +357,29 @@ void register_channels(py::module_& m) {
       },
       py::arg("context"), py::arg("handle"), py::arg("data"), "Sender.send(): one message to (context, handle).");
   m.def(
+      "_send_message",
+      [](const py_context& c, std::uint32_t handle, std::uint32_t reply_to, py::handle value, py::object raw) {
+        wire::message msg;
+        if (!raw.is_none()) {
+          // An already encoded payload (a received Message passed on): the receiving
+          // agent decodes it with its restricted decoder, as anything we send.
+          msg.data = raw.cast<std::string>();
+        } else {
+          grant_scope grants;
+          wire::value v = to_wire(value, "data");
+          grants.apply(c.ctx.id());
+          nogil g;
+          msg.data = wire::encode(v);
+        }
+        msg.dst_id = c.ctx.id();
+        msg.handle = handle;
+        msg.reply_to = reply_to;
+        nogil g;
+        c.ctx.get_router()->route(std::move(msg));
+      },
+      py::arg("context"), py::arg("handle"), py::arg("reply_to"), py::arg("value"), py::arg("raw"),
+      "Context.send(): one message to (context, handle), its value encoded here or `raw` bytes as given.");
+  m.def(
       "_send_dead",
       [](const py_context& c, std::uint32_t handle, const std::string& reason) {
         auto msg = wire::message::dead(c.ctx.id(), handle, reason);

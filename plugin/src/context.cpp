@@ -3,6 +3,8 @@
 // send, release the GIL, wait, convert the reply.
 #include <utility>
 
+#include <spdlog/spdlog.h>
+
 #include "bindings.hpp"
 
 namespace mitogen::python {
@@ -128,6 +130,11 @@ mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const c
   if (args.empty()) throw py::type_error(std::string(method) + "() missing the function to call");
   mitogen::call_spec spec;
   describe_fn(PySequence_Fast_ITEMS(args.ptr())[0], spec);
+  // For enable_debug()'s log (the check keeps the call path free of formatting).
+  if (spdlog::default_logger_raw()->should_log(spdlog::level::debug))
+    spdlog::debug("mitogen: {} {}.{}{}() in context {} ({})", method, spec.module,
+                  spec.class_name ? *spec.class_name + "." : std::string(), spec.function, dst.ctx.id(),
+                  dst.ctx.name());
   // Senders of ours among the arguments let `dst` send to their handles (channels).
   grant_scope grants;
   spec.args = args_to_wire(args, 1);
@@ -170,6 +177,18 @@ std::string repr(const py_context& c) {
   return "Context(" + std::to_string(c.ctx.id()) + ", " + py::repr(py::str(c.ctx.name())).cast<std::string>() + ")";
 }
 
+/// What Context.shutdown() returns: waits for the context to be gone.
+struct py_shutdown {
+  std::shared_ptr<mitogen::router> r;
+  std::uint32_t id;
+  std::string name;
+  bool ready() const { return r->wait_disconnected(id, std::chrono::milliseconds(0)); }
+  void get(std::optional<double> timeout) const {
+    if (!wait_until([&](std::chrono::milliseconds slice) { return r->wait_disconnected(id, slice); }, timeout))
+      throw mitogen::timeout_error("context " + name + " did not exit within the timeout");
+  }
+};
+
 }  // namespace
 
 py::object make_context(mitogen::context ctx, const py::object& router) {
@@ -177,6 +196,39 @@ py::object make_context(mitogen::context ctx, const py::object& router) {
 }
 
 void register_context(py::module_& m) {
+  // The result classes first, so that the Context methods' signatures show their
+  // Python names rather than C++ ones.
+  py::class_<py_shutdown>(m, "ShutdownLatch",
+                          "What Context.shutdown() returns: get() waits until the context has exited.")
+      .def(
+          "get",
+          [](const py_shutdown& self, py::object timeout) { self.get(seconds_option("timeout", timeout)); },
+          py::arg("timeout") = py::none(),
+          "Wait until the context has exited (TimeoutError after `timeout` seconds); returns None.")
+      .def("ready", &py_shutdown::ready, "True once the context has exited.")
+      .def("__repr__", [](const py_shutdown& self) { return "ShutdownLatch(" + self.name + ")"; });
+
+  py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
+      .def(
+          "get",
+          [](py_receiver& self, py::object timeout_o) {
+            auto timeout = seconds_option("timeout", timeout_o);
+            if (!self.reply) self.reply = wait_message(*self.rx, timeout);
+            return result_of(self.owner, *self.reply);
+          },
+          py::arg("timeout") = py::none(),
+          "Wait for the call's result and return it (raising CallError, ChannelError, or TimeoutError when "
+          "`timeout` seconds pass first). May be called again: it returns the same result.")
+      .def(
+          "ready",
+          [](py_receiver& self) {
+            if (!self.reply) self.reply = self.rx->try_get();
+            return self.reply.has_value();
+          },
+          "True once the result has arrived (get() will not block).")
+      .def_property_readonly("context", [](const py_receiver& self) { return make_context(self.owner.ctx, self.owner.router); })
+      .def_property_readonly("handle", [](const py_receiver& self) { return self.rx->handle(); });
+
   py::class_<py_context>(m, "Context", py::dynamic_attr(),
                          "A context (a Python program under this one's control) and the calls into it.")
       .def(py::init([](py::object router, std::uint32_t id, std::optional<std::string> name) {
@@ -214,19 +266,31 @@ void register_context(py::module_& m) {
           "by the context.")
       .def(
           "shutdown",
-          [](const py_context& c, bool wait, std::optional<double> timeout) {
+          [](const py_context& c, py::object wait_o, py::object timeout_o) {
+            bool wait = option("as_bool", "wait", wait_o).cast<bool>();
+            auto timeout = seconds_option("timeout", timeout_o);
             {
               nogil g;
               c.ctx.shutdown(false);
             }
-            if (!wait) return;
-            const auto& r = c.ctx.get_router();
-            const auto id = c.ctx.id();
-            if (!wait_until([&](std::chrono::milliseconds slice) { return r->wait_disconnected(id, slice); }, timeout))
-              throw mitogen::timeout_error("context " + c.ctx.name() + " did not exit within the timeout");
+            py_shutdown done{c.ctx.get_router(), c.ctx.id(), c.ctx.name()};
+            if (wait) done.get(timeout);
+            return done;
           },
           py::arg("wait") = false, py::arg("timeout") = py::none(),
-          "Ask the context to exit once its current call ends; with wait=True, block until it has.")
+          "Ask the context to exit once its current call ends, and return an object whose get(timeout=None) "
+          "waits until it has (upstream returns a Latch). With wait=True, wait here first (`timeout` "
+          "seconds at most: TimeoutError).")
+      .def_property_readonly(
+          "remote_name",
+          [](const py_context& c) -> py::object {
+            auto& pr = c.router.cast<py_router&>();
+            auto it = pr.remote_names.find(c.ctx.id());
+            if (it == pr.remote_names.end()) return py::none();
+            return py::str(it->second);
+          },
+          "The title the context was started with (its argv[0] is mitogen:<remote_name>), or None for a "
+          "context this router did not start itself.")
       .def("__repr__", &repr)
       .def("__eq__",
            [](const py_context& a, py::object other) {
@@ -237,26 +301,6 @@ void register_context(py::module_& m) {
       .def("__hash__", [](const py_context& c) {
         return std::hash<std::uint32_t>()(c.ctx.id()) ^ std::hash<const void*>()(c.ctx.get_router().get());
       });
-
-  py::class_<py_receiver>(m, "Receiver", py::dynamic_attr(), "The pending result of call_async().")
-      .def(
-          "get",
-          [](py_receiver& self, std::optional<double> timeout) {
-            if (!self.reply) self.reply = wait_message(*self.rx, timeout);
-            return result_of(self.owner, *self.reply);
-          },
-          py::arg("timeout") = py::none(),
-          "Wait for the call's result and return it (raising CallError, ChannelError, or TimeoutError when "
-          "`timeout` seconds pass first). May be called again: it returns the same result.")
-      .def(
-          "ready",
-          [](py_receiver& self) {
-            if (!self.reply) self.reply = self.rx->try_get();
-            return self.reply.has_value();
-          },
-          "True once the result has arrived (get() will not block).")
-      .def_property_readonly("context", [](const py_receiver& self) { return make_context(self.owner.ctx, self.owner.router); })
-      .def_property_readonly("handle", [](const py_receiver& self) { return self.rx->handle(); });
 }
 
 }  // namespace mitogen::python

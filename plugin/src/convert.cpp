@@ -99,7 +99,7 @@ std::string utf8_of(PyObject* o) {
 
 wire::value convert(PyObject* o, const path_node* where, int depth) {
   if (depth > max_depth)
-    throw py::value_error("cannot send value nested more than " + std::to_string(max_depth) + " deep at " +
+    throw py::type_error("cannot send value nested more than " + std::to_string(max_depth) + " deep at " +
                           render(where));
   PyTypeObject* t = Py_TYPE(o);
   // The common types first, by exact type; bool before int is implied (bool is its own type).
@@ -278,6 +278,17 @@ wire::kwargs kwargs_to_wire(const py::kwargs& kw) {
 
 py::object from_wire(wire::value&& v, const py::object& router) {
   return std::visit(to_python{router}, v.get());
+}
+
+py::object option(const char* fn, const char* name, const py::object& v) {
+  if (v.is_none()) return v;
+  return py::module_::import("mitogen_native._options").attr(fn)(name, v);
+}
+
+std::optional<double> seconds_option(const char* name, const py::object& v) {
+  py::object f = option("as_float", name, v);
+  if (f.is_none()) return std::nullopt;
+  return f.cast<double>();
 }
 
 void register_convert(py::module_& m) {

@@ -26,22 +26,31 @@ std::string path_text(const py::object& p) {
   return py::module_::import("os").attr("fsdecode")(p).cast<std::string>();
 }
 
+/// A size option: None, or an int (or numeric string) of at least 1.
+std::optional<std::size_t> size_option(const char* name, const py::object& v) {
+  py::object n = option("as_int", name, v);
+  if (n.is_none()) return std::nullopt;
+  auto x = n.cast<long long>();
+  if (x < 1) throw py::value_error(std::string(name) + " must be at least 1");
+  return static_cast<std::size_t>(x);
+}
+
 mitogen::file_options make_options(const py::object& mode, const py::object& owner, const py::object& group,
-                                   std::optional<std::size_t> chunk_size, std::optional<std::size_t> window,
-                                   std::optional<double> timeout) {
+                                   const py::object& chunk_size, const py::object& window,
+                                   const py::object& timeout) {
   mitogen::file_options o;
-  if (!mode.is_none()) {
-    auto m = mode.cast<long long>();
+  if (py::object mv = option("as_mode", "mode", mode); !mv.is_none()) {
+    auto m = mv.cast<long long>();
     if (m < 0 || m > 07777) throw py::value_error("mode must be between 0 and 0o7777");
     o.mode = static_cast<std::uint32_t>(m);
   }
   o.owner = id_text(owner, "owner");
   o.group = id_text(group, "group");
-  if (chunk_size) o.chunk_size = *chunk_size;
-  if (window) o.window = *window;
-  if (timeout) {
-    if (!(*timeout > 0)) throw py::value_error("timeout must be positive");
-    o.idle_timeout = std::chrono::milliseconds(static_cast<long long>(*timeout * 1000));
+  if (auto n = size_option("chunk_size", chunk_size)) o.chunk_size = *n;
+  if (auto n = size_option("window", window)) o.window = *n;
+  if (auto t = seconds_option("timeout", timeout)) {
+    if (!(*t > 0)) throw py::value_error("timeout must be positive");
+    o.idle_timeout = std::chrono::milliseconds(static_cast<long long>(*t * 1000));
   }
   return o;
 }
@@ -118,8 +127,7 @@ void register_files(py::module_& m) {
   cls.def(
          "put_file",
          [](const py_context& c, py::object local_path, py::object remote_path, py::object mode, py::object owner,
-            py::object group, std::optional<std::size_t> chunk_size, std::optional<std::size_t> window,
-            std::optional<double> timeout) {
+            py::object group, py::object chunk_size, py::object window, py::object timeout) {
            auto opts = make_options(mode, owner, group, chunk_size, window, timeout);
            auto local = path_text(local_path), remote = path_text(remote_path);
            auto ctx = c.ctx;
@@ -137,8 +145,7 @@ void register_files(py::module_& m) {
       .def(
           "get_file",
           [](const py_context& c, py::object remote_path, py::object local_path, py::object mode, py::object owner,
-             py::object group, std::optional<std::size_t> chunk_size, std::optional<std::size_t> window,
-             std::optional<double> timeout) {
+             py::object group, py::object chunk_size, py::object window, py::object timeout) {
             auto opts = make_options(mode, owner, group, chunk_size, window, timeout);
             auto local = path_text(local_path), remote = path_text(remote_path);
             auto ctx = c.ctx;
@@ -156,8 +163,8 @@ void register_files(py::module_& m) {
       .def(
           "copy_file",
           [](const py_context& c, py::object path, py::object dst, py::object dst_path, py::object mode,
-             py::object owner, py::object group, std::optional<std::size_t> chunk_size,
-             std::optional<std::size_t> window, std::optional<double> timeout) {
+             py::object owner, py::object group, py::object chunk_size,
+             py::object window, py::object timeout) {
             auto opts = make_options(mode, owner, group, chunk_size, window, timeout);
             auto src_path = path_text(path), to = path_text(dst_path);
             auto src = c.ctx;

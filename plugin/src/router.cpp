@@ -102,7 +102,8 @@ void register_router(py::module_& m) {
       .def(
           "_local",
           [](py::object self, std::optional<std::string> remote_name, std::vector<std::string> python_path,
-             bool debug, double connect_timeout, std::optional<std::string> name, int log_level, py::object via) {
+             bool debug, double connect_timeout, std::optional<std::string> name, int log_level, py::object via,
+             std::optional<std::uint32_t> max_message_size) {
             auto& pr = self.cast<py_router&>();
             mitogen::local_options o;
             o.via = via_context(pr, via);
@@ -110,14 +111,18 @@ void register_router(py::module_& m) {
             o.remote_name = std::move(remote_name);
             o.debug = debug;
             o.log_level = log_level;
+            if (max_message_size) o.max_message_size = *max_message_size;
             o.connect_timeout = std::chrono::milliseconds(static_cast<long>(connect_timeout * 1000));
             auto r = pr.r;
+            auto title = o.remote_name.value_or(mitogen::default_remote_name());
             mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::local(*r, o); });
+            pr.remote_names[c.id()] = std::move(title);
             if (name) c = mitogen::context(c.get_router(), c.id(), *name);
             return make_context(std::move(c), self);
           },
           py::arg("remote_name"), py::arg("python_path"), py::arg("debug"), py::arg("connect_timeout"),
-          py::arg("name"), py::arg("log_level"), py::arg("via") = py::none(), "Start a local context (see mitogen_native.master.Router.local).")
+          py::arg("name"), py::arg("log_level"), py::arg("via") = py::none(),
+          py::arg("max_message_size") = py::none(), "Start a local context (see mitogen_native.master.Router.local).")
       .def(
           "_ssh",
           [](py::object self, py::dict kw) {
@@ -140,6 +145,10 @@ void register_router(py::module_& m) {
               o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
             if (auto v = get("keepalive_interval"); !v.is_none())
               o.keepalive_interval = std::chrono::seconds(static_cast<long>(v.cast<double>()));
+            if (auto v = get("keepalive_count"); !v.is_none()) o.keepalive_count = v.cast<int>();
+            if (auto v = get("use_agent"); !v.is_none()) o.use_agent = v.cast<bool>();
+            if (auto v = get("compression"); !v.is_none()) o.compression = v.cast<bool>();
+            if (auto v = get("max_message_size"); !v.is_none()) o.max_message_size = v.cast<std::uint32_t>();
             o.debug = get("debug").cast<bool>();
             o.log_level = get("log_level").cast<int>();
             auto policy = get("check_host_keys").cast<std::string>();
@@ -159,7 +168,9 @@ void register_router(py::module_& m) {
             else
               throw py::value_error("transport must be 'libssh2' or 'openssh'");
             auto r = pr.r;
+            auto title = o.remote_name.value_or(mitogen::default_remote_name());
             mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::ssh(*r, o); });
+            pr.remote_names[c.id()] = std::move(title);
             if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
             return make_context(std::move(c), self);
           },
@@ -185,6 +196,7 @@ void register_router(py::module_& m) {
                 o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
               o.debug = get("debug").cast<bool>();
               o.log_level = get("log_level").cast<int>();
+              if (auto v = get("max_message_size"); !v.is_none()) o.max_message_size = v.cast<std::uint32_t>();
               o.via = via_context(pr, get("via"));
             };
             std::function<mitogen::context()> connect;
@@ -213,7 +225,10 @@ void register_router(py::module_& m) {
             } else {
               throw py::value_error("method must be 'sudo', 'su' or 'doas'");
             }
+            auto title = get("remote_name").is_none() ? mitogen::default_remote_name()
+                                                      : get("remote_name").cast<std::string>();
             mitogen::context c = start_context(r, std::move(connect));
+            pr.remote_names[c.id()] = std::move(title);
             if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
             return make_context(std::move(c), self);
           },
@@ -246,6 +261,19 @@ void register_router(py::module_& m) {
             return make_context(mitogen::context(pr.r, id, name ? *name : pr.r->name_of(id)), self);
           },
           py::arg("context_id"), py::arg("name") = py::none(), "A Context for a known context id.")
+      .def(
+          "_disconnect",
+          [](py_router& self, std::uint32_t id) {
+            // Only a context whose own stream this router holds, as upstream.
+            if (self.r->routed_via(id) != id) return false;
+            auto s = self.r->stream_for(id);
+            if (!s) return false;
+            nogil g;
+            s->close(make_error_code(mitogen::errc::child_died), "disconnected by Router.disconnect()");
+            return true;
+          },
+          py::arg("context_id"),
+          "Close the stream of directly connected context `context_id`; False if there is none.")
       .def(
           "shutdown",
           [](py_router& self) { self.r->shutdown(); },

@@ -136,3 +136,9 @@ def receiver_timeout(timeout):
     finally:
         recv.close()
     return None
+
+
+def get_one(timeout=10.0):
+    """The next value on make_receiver()'s receiver, with its sender's id."""
+    msg = _recv.get(timeout=timeout)
+    return msg.src_id, msg.unpickle()

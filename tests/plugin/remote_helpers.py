@@ -98,3 +98,19 @@ def open_when_read(path, timeout=30):
             if e.errno != errno.ENXIO or time.monotonic() > deadline:
                 raise
         time.sleep(0.01)
+
+
+def print_lines(n, width=0):
+    """Print n numbered lines (padded to `width` characters) as fast as print() goes."""
+    for i in range(n):
+        print(('line %d' % i).ljust(width))
+    return n
+
+
+def flood_log_records(n):
+    """Send n FORWARD_LOG records straight to the master, past the agent's pacing
+    (what a hostile or broken child could do)."""
+    import mitogen.core
+    for i in range(n):
+        mitogen.core._send(0, 102, b'flood\x0020\x00record %d' % i)
+    return n

@@ -58,6 +58,7 @@ def test_sudo_wrong_password(become_users, router):
         router.sudo(sudo_path=become_users['sudo_as_test'], password=WRONG, connect_timeout=30)
     assert time.monotonic() - t0 < 20
     assert isinstance(e.value, mitogen_native.core.StreamError)
+    assert e.value.code == 'become_password_wrong'
     assert 'sudo password is incorrect' in str(e.value)
     assert WRONG not in str(e.value)
 
@@ -66,6 +67,7 @@ def test_sudo_password_required(become_users, router):
     with pytest.raises(mitogen_native.core.PasswordError) as e:
         router.sudo(sudo_path=become_users['sudo_as_test'], connect_timeout=30)
     assert 'sudo password is required' in str(e.value)
+    assert e.value.code == 'become_password_required'
 
 
 def test_sudo_not_in_sudoers(become_users, router):
@@ -73,6 +75,7 @@ def test_sudo_not_in_sudoers(become_users, router):
         router.sudo(sudo_path=become_users['sudo_as_nosudo'], password=become_users['nosudo_password'],
                     connect_timeout=30)
     assert not isinstance(e.value, mitogen_native.core.PasswordError)
+    assert e.value.code == 'become_not_allowed'
     assert 'may not become root' in str(e.value)
     assert become_users['nosudo_password'] not in str(e.value)
 

@@ -120,6 +120,22 @@ def test_unknown_owner_is_an_error_and_nothing_is_written(ctx, tmp_path):
     with pytest.raises(FileError) as e:
         ctx.put_file(str(src), str(tmp_path / 'dst'), owner='no-such-user-4711')
     assert 'no-such-user-4711' in str(e.value)
+    assert e.value.errno == errno.EINVAL   # docs/files.md: the errno behind it
+    assert os.listdir(str(tmp_path)) == ['src']
+
+
+@pytest.mark.parametrize('method, kwargs', [
+    ('put_file', dict(group='no-such-group-4711')),
+    ('get_file', dict(owner='no-such-user-4711')),
+    ('get_file', dict(group='no-such-group-4711')),
+])
+def test_unknown_owner_or_group_is_einval_both_ways(ctx, tmp_path, method, kwargs):
+    src = tmp_path / 'src'
+    src.write_bytes(b'data')
+    with pytest.raises(FileError) as e:
+        getattr(ctx, method)(str(src), str(tmp_path / 'dst'), **kwargs)
+    assert e.value.errno == errno.EINVAL
+    assert list(kwargs.values())[0] in str(e.value)
     assert os.listdir(str(tmp_path)) == ['src']
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+import mitogen_native.core
 import mitogen_native.master
 import mitogen_native.utils
 from mitogen_native.core import ChannelError
@@ -211,3 +212,36 @@ def test_controller_killed_children_exit(tmp_path):
         assert all(_gone_soon(p) for p in pids)
     finally:
         os.close(fd)
+
+
+SHUT_DOWN = 'the router has been shut down'
+
+
+@pytest.mark.parametrize('how', ['broker', 'router'])
+def test_every_method_refuses_after_shutdown_before_starting_anything(how):
+    import threading
+    broker = mitogen_native.master.Broker()
+    router = mitogen_native.master.Router(broker)
+    if how == 'broker':
+        broker.shutdown()
+    else:
+        router.shutdown()
+    children, threads = _children(os.getpid()), threading.active_count()
+    attempts = {
+        'local': lambda: router.local(),
+        'local(via=)': lambda: router.local(via=router.myself()),
+        'ssh': lambda: router.ssh(hostname='127.0.0.1', port=1),
+        'sudo': lambda: router.sudo(),
+        'su': lambda: router.su(username='nobody'),
+        'doas': lambda: router.doas(),
+        'add_handler': lambda: router.add_handler(lambda msg: None),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(mitogen_native.core.StreamError) as e:
+            attempt()
+        assert SHUT_DOWN in str(e.value), what
+    # Nothing was started: no child process, no handler thread.
+    assert _children(os.getpid()) == children
+    assert threading.active_count() == threads
+    broker.shutdown()
+    broker.join()

@@ -132,7 +132,8 @@ def test_too_deep_is_refused(context):
     value = []
     for _ in range(150):
         value = [value]
-    with pytest.raises(ValueError, match='nested more than'):
+    # TypeError like every value that cannot be sent (docs/getting-started.md).
+    with pytest.raises(TypeError, match='nested more than'):
         context.call(remote_helpers.identity, value)
 
 

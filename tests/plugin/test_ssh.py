@@ -42,3 +42,25 @@ def test_changed_host_key_is_refused_with_its_fingerprint(sshd, router):
                    identity_file=sshd['identity_file'],
                    known_hosts_file=sshd['wrong_known_hosts'], connect_timeout=20)
     assert sshd['host_fingerprint'] in str(e.value)
+
+
+def test_errors_carry_upstream_classes_and_codes(sshd, router, tmp_path):
+    import mitogen_native.ssh
+    with pytest.raises(mitogen_native.ssh.HostKeyError) as e:
+        router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                   identity_file=sshd['identity_file'],
+                   known_hosts_file=sshd['wrong_known_hosts'], connect_timeout=20)
+    assert e.value.code == 'host_key_mismatch'
+    empty = tmp_path / 'known_hosts'
+    empty.write_text('')
+    with pytest.raises(mitogen_native.ssh.HostKeyError) as e:
+        router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                   identity_file=sshd['identity_file'],
+                   known_hosts_file=str(empty), connect_timeout=20)
+    assert e.value.code == 'host_key_unknown'
+    with pytest.raises(mitogen_native.ssh.PasswordError) as e:
+        router.ssh(hostname='127.0.0.1', port=sshd['port'], username=sshd['user'],
+                   password='not the password', identity_file=[], use_agent=False,
+                   known_hosts_file=sshd['known_hosts'], connect_timeout=20)
+    assert e.value.code == 'auth_failed'
+    assert isinstance(e.value, mitogen_native.core.StreamError)

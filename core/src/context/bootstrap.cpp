@@ -1,5 +1,9 @@
 #include "bootstrap.hpp"
 
+#include <sys/wait.h>
+
+#include <cstring>
+
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -134,9 +138,29 @@ void boot_state::set_note(std::string n) {
   note = std::move(n);
 }
 
-void boot_state::add_stderr(std::string_view bytes) {
+void boot_state::set_exit_status(int status) {
+  {
+    std::lock_guard lk(mu);
+    std::string what;
+    if (WIFEXITED(status)) {
+      what = "the child exited with status " + std::to_string(WEXITSTATUS(status));
+    } else if (WIFSIGNALED(status)) {
+      const char* sig = ::sigabbrev_np(WTERMSIG(status));
+      what = sig ? std::string("the child was killed by SIG") + sig
+                 : "the child was killed by signal " + std::to_string(WTERMSIG(status));
+    }
+    if (!what.empty()) note = note.empty() ? what : note + "; " + what;
+    status_known = true;
+  }
+  cv.notify_all();
+}
+
+bool boot_state::add_stderr(std::string_view bytes) {
   std::lock_guard lk(mu);
+  // After a failed start the last words still go into its error message.
+  if (done && ok) return false;
   if (stderr_text.size() < 16384) stderr_text.append(bytes.substr(0, 16384 - stderr_text.size()));
+  return true;
 }
 
 void boot_state::stderr_closed() {
@@ -151,11 +175,17 @@ void boot_state::stderr_closed() {
 
 void stderr_sink::feed(std::string_view bytes) {
   if (closed_) return;
-  boot_->add_stderr(bytes);
+  // While booting, the text goes into the error message of a failed start, or is
+  // logged once the start succeeded (run_bootstrap): here only at debug, so that
+  // it is shown once.
+  booting_ = boot_->add_stderr(bytes);
   line_.append(bytes);
   std::size_t pos;
   while ((pos = line_.find('\n')) != std::string::npos) {
-    spdlog::warn("[{}] stderr: {}", name_, line_.substr(0, pos));
+    if (booting_)
+      spdlog::debug("[{}] stderr: {}", name_, line_.substr(0, pos));
+    else
+      spdlog::warn("[{}] stderr: {}", name_, line_.substr(0, pos));
     line_.erase(0, pos + 1);
   }
 }
@@ -163,7 +193,12 @@ void stderr_sink::feed(std::string_view bytes) {
 void stderr_sink::close() {
   if (closed_) return;
   closed_ = true;
-  if (!line_.empty()) spdlog::warn("[{}] stderr: {}", name_, line_);
+  if (!line_.empty()) {
+    if (booting_)
+      spdlog::debug("[{}] stderr: {}", name_, line_);
+    else
+      spdlog::warn("[{}] stderr: {}", name_, line_);
+  }
   line_.clear();
   boot_->stderr_closed();
 }
@@ -213,6 +248,11 @@ context run_bootstrap(router& r, boot_request req) {
   auto s = req.s;
   const std::uint32_t id = req.id;
 
+  const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed_ms = [t0] {
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0).count();
+  };
+  spdlog::debug("mitogen: starting context {} ({}), title mitogen:{}", id, req.name, req.remote_name);
   if (req.teardown) r.add_teardown(id, std::move(req.teardown));
   r.add_route(id, req.name, s);
   // Fails the bootstrap when the stream dies before MITO001.
@@ -255,7 +295,17 @@ context run_bootstrap(router& r, boot_request req) {
   std::unique_lock lk(boot->mu);
   boot->cv.wait(lk, [&] { return boot->done; });
   if (boot->ok) {
+    // What it wrote on stderr while booting (logged at debug meanwhile): shown
+    // now, once, as a warning.
+    std::string said = std::move(boot->stderr_text);
     lk.unlock();
+    spdlog::debug("mitogen: context {} ({}) booted in {} ms", id, req.name, elapsed_ms());
+    for (std::size_t at = 0; at < said.size();) {
+      auto end = said.find('\n', at);
+      if (end == std::string::npos) end = said.size();
+      if (end > at) spdlog::warn("[{}] stderr: {}", req.name, said.substr(at, end - at));
+      at = end + 1;
+    }
     b->defer([timer] { timer->cancel(); });
     r.del_handler(watch);
     return context(r.shared_from_this(), id, req.name);
@@ -265,7 +315,9 @@ context run_bootstrap(router& r, boot_request req) {
   b->defer_sync([&] { s->close(boot->ec, "bootstrap failed"); });
   lk.lock();
   // Give the last words on stderr a moment to arrive: they say what went wrong.
-  boot->cv.wait_for(lk, std::chrono::milliseconds(300), [&] { return boot->stderr_eof; });
+  // And for how the process ended, when it reports that (local children).
+  boot->cv.wait_for(lk, std::chrono::milliseconds(300),
+                    [&] { return boot->stderr_eof && (!boot->wants_status || boot->status_known); });
   std::string msg = "mitogen: context '" + req.name + "' failed to start: ";
   auto ec = boot->ec;
   if (req.classify) ec = req.classify(ec, boot->stderr_text);
@@ -283,6 +335,7 @@ context run_bootstrap(router& r, boot_request req) {
   lk.unlock();
   b->defer([timer] { timer->cancel(); });
   r.del_handler(watch);
+  spdlog::debug("mitogen: context {} ({}) failed to start after {} ms", id, req.name, elapsed_ms());
   throw stream_error(ec, msg);
 }
 

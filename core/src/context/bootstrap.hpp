@@ -83,13 +83,20 @@ struct boot_state {
   std::string stderr_text;  ///< boot-time stderr, bounded, for the error message
   std::string phase;        ///< what the connection was doing ("SSH handshake"), for timeouts
   std::string note;         ///< extra detail for the error message ("exit status 127")
+  /// The process's exit status is reported through set_exit_status(): a failed
+  /// start waits (briefly) for it as for the last stderr.
+  bool wants_status = false;
+  bool status_known = false;
 
   /// First call wins; later calls are ignored. Any thread.
   void finish(bool success, std::error_code e = {}, std::string w = {});
   void set_phase(std::string p);
   void set_note(std::string n);
-  /// Keep stderr bytes (bounded) for the error message.
-  void add_stderr(std::string_view bytes);
+  /// Record how the process ended (a waitpid status) in `note`. Any thread.
+  void set_exit_status(int status);
+  /// Keep stderr bytes (bounded) for the error message; false (and nothing kept)
+  /// once the start has succeeded.
+  bool add_stderr(std::string_view bytes);
   /// No more stderr will come.
   void stderr_closed();
 };
@@ -110,6 +117,7 @@ class stderr_sink {
   std::string name_;
   std::string line_;
   bool closed_ = false;
+  bool booting_ = true;
 };
 
 /// Read descriptor `fd` (taken over) into a stderr_sink until EOF, on `io`.

@@ -137,7 +137,7 @@ std::error_code spawn_with_tty(const std::vector<std::string>& argv, const std::
 }
 
 void reap_child(const std::shared_ptr<broker>& b, pid_t pid, std::chrono::milliseconds grace,
-                std::function<void()> done) {
+                std::function<void()> done, std::function<void(int)> on_status) {
   struct state {
     std::shared_ptr<broker> b;
     pid_t pid;
@@ -150,9 +150,10 @@ void reap_child(const std::shared_ptr<broker>& b, pid_t pid, std::chrono::millis
   };
   auto st = std::make_shared<state>(b, pid, grace, std::move(done));
   auto poll = std::make_shared<std::function<void()>>();
-  *poll = [st, weak = std::weak_ptr<std::function<void()>>(poll)]() {
+  *poll = [st, on_status = std::move(on_status), weak = std::weak_ptr<std::function<void()>>(poll)]() {
     int status = 0;
     pid_t r = ::waitpid(st->pid, &status, WNOHANG);
+    if (r == st->pid && on_status && !st->killed) on_status(status);
     if (r == st->pid || (r < 0 && errno == ECHILD)) {
       if (st->killed) spdlog::debug("mitogen: child {} killed after grace period", st->pid);
       auto d = std::move(st->done);

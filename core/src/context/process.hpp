@@ -43,8 +43,9 @@ struct spawned_tty : spawned {
 std::error_code spawn_with_tty(const std::vector<std::string>& argv, const std::string& argv0, spawned_tty& out);
 
 /// Reap `pid` without blocking the broker: poll waitpid for up to `grace`, then
-/// SIGKILL and reap. `done` runs on the broker thread when the child is gone.
+/// SIGKILL and reap. `done` runs on the broker thread when the child is gone;
+/// `on_status`, if set, first gets its wait status (for error messages).
 void reap_child(const std::shared_ptr<broker>& b, pid_t pid, std::chrono::milliseconds grace,
-                std::function<void()> done);
+                std::function<void()> done, std::function<void(int)> on_status = {});
 
 }  // namespace mitogen::detail

@@ -10,17 +10,21 @@ void log_forwarder::on_record(std::uint32_t from_id, const std::string& data) {
   // A child may log a lot, but not drown the controller: a token bucket per child.
   auto& b = buckets_[from_id];
   auto now = std::chrono::steady_clock::now();
-  b.tokens = std::min(router::log_burst,
-                      b.tokens + router::log_rate * std::chrono::duration<double>(now - b.refill).count());
+  const double dt = std::chrono::duration<double>(now - b.refill).count();
+  b.tokens = std::min(router::log_burst, b.tokens + router::log_rate * dt);
+  b.bytes = std::min(byte_burst, b.bytes + byte_rate * dt);
   b.refill = now;
-  if (b.tokens < 1.0) {
+  const auto size = static_cast<double>(data.size());
+  if (b.tokens < 1.0 || b.bytes < size) {
+    b.dropped_bytes += data.size();
     if (b.dropped++ == 0)
-      spdlog::warn("mitogen: context {} ({}) sends more than {} log records per second; dropping the excess "
+      spdlog::warn("mitogen: context {} ({}) sends more than {} log records per second or {} MiB per second; dropping the excess "
                    "(logged once)",
-                   from_id, name_of_(from_id), router::log_rate);
+                   from_id, name_of_(from_id), router::log_rate, byte_rate / (1024 * 1024));
     return;
   }
   b.tokens -= 1.0;
+  b.bytes -= size;
   // "name\0level\0text"; anything malformed is shown as it is.
   std::string logger = "?", text;
   int level = 20;
@@ -56,7 +60,9 @@ void log_forwarder::on_record(std::uint32_t from_id, const std::string& data) {
 void log_forwarder::context_gone(std::uint32_t id, const std::string& name) {
   auto it = buckets_.find(id);
   if (it == buckets_.end()) return;
-  if (it->second.dropped) spdlog::warn("mitogen: dropped {} log records from context {} ({})", it->second.dropped, id, name);
+  if (it->second.dropped)
+    spdlog::warn("mitogen: dropped {} log records ({} bytes) from context {} ({})", it->second.dropped,
+                 it->second.dropped_bytes, id, name);
   buckets_.erase(it);
 }
 

@@ -1,8 +1,10 @@
 #pragma once
 /// FORWARD_LOG as a service of the router (private to the routing layer): decodes
-/// each record a child forwards, rate-limits each child with a token bucket so that
-/// none can drown the controller, and hands the record to the sink (default: the
-/// spdlog logger). The router registers it on FORWARD_LOG at create() and tells it
+/// each record a child forwards, rate-limits each child with token buckets (records
+/// and bytes) so that none can drown the controller, and hands the record to the
+/// sink (default: the spdlog logger). Our agent stays within half of both budgets
+/// (it coalesces output lines and makes writers wait: agent.py _Pacer), so only a
+/// child that ignores that loses records. The router registers it on FORWARD_LOG at create() and tells it
 /// when a context goes, so that the records it dropped are reported once.
 #include <chrono>
 #include <cstdint>
@@ -27,11 +29,18 @@ class log_forwarder {
   /// Any thread.
   void set_sink(log_sink sink);
 
+  /// Bytes of records a child may send per second, and in one burst (besides
+  /// router::log_rate records per second); the excess is dropped.
+  static constexpr double byte_rate = 8.0 * 1024 * 1024;
+  static constexpr double byte_burst = 32.0 * 1024 * 1024;
+
  private:
   struct bucket {
     double tokens = router::log_burst;
+    double bytes = byte_burst;
     std::chrono::steady_clock::time_point refill = std::chrono::steady_clock::now();
     std::uint64_t dropped = 0;
+    std::uint64_t dropped_bytes = 0;
   };
   std::function<std::string(std::uint32_t)> name_of_;
   std::unordered_map<std::uint32_t, bucket> buckets_;  // broker thread only

@@ -779,6 +779,10 @@ void module_responder::send(std::uint32_t context_id, const std::string& fullnam
     ++(e.found ? stats_.modules_sent : stats_.negatives_sent);
     if (record) sent_[context_id].insert(fullname);
   }
+  if (e.found)
+    spdlog::debug("mitogen: sending module {} to context {} ({} bytes)", fullname, context_id, m.data.size());
+  else
+    spdlog::debug("mitogen: context {} asked for module {}, which this program cannot import", context_id, fullname);
   post(std::move(m));
 }
 
