@@ -22,6 +22,12 @@ stock ssh plugin gives: the exit status, and stdout and stderr as exact bytes.
   child of this agent that imported the payload's ``ansible.module_utils.basic``
   (and what it imports) once (:class:`_WarmParent`), so a module run does not
   import and compile them again.
+* Three housekeeping commands Ansible's action plugins send around a module
+  (``echo ~``, the temporary directory's creation and its removal: 3-4 shell
+  and ``sleep`` processes each) are done here with the same system calls
+  (:func:`_builtin`), exactly when their text is what Ansible's ``sh`` shell
+  plugin writes with plain paths; anything else, and any failure, runs in a
+  real shell, so an error reads exactly as the shell's.
 """
 
 import errno
@@ -67,6 +73,10 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
         cmd = cmd.decode('utf-8', 'surrogateescape')
     if in_data is not None and not isinstance(in_data, bytes):
         in_data = bytes(in_data)
+    if in_data is None and not use_tty:
+        result = _builtin(cmd, shell)
+        if result is not None:
+            return result
     if fork_ok and in_data is not None and not use_tty:
         plan = pipelined_python(cmd)
         if plan is not None:
@@ -86,6 +96,118 @@ def exec_command(cmd, in_data=None, use_tty=False, fork_ok=True, cwd=None,
         if result is not None:
             return result
     return _run_piped(argv, in_data, cwd)
+
+
+# ---------------------------------------------------------------------------
+# Ansible's housekeeping commands, without a shell (module docstring).
+
+import re as _re
+
+#: A path Ansible leaves unquoted and a shell would not expand (no $, `, \,
+#: spaces, globs, quotes).
+_PLAIN = r'/[A-Za-z0-9_./+,@%:=-]*'
+#: ShellBase.expand_user('~' or '~user') run by _low_level_execute_command.
+_ECHO_HOME = _re.compile(r"^(?P<shell>/\S+) -c 'echo ~(?P<user>[_.A-Za-z0-9][-_.A-Za-z0-9]*)? "
+                         r"&& sleep 0'$", _re.ASCII)
+#: ShellBase.mkdtemp(mode=0o700) (the umask in a subshell; mkdir -p the base).
+_MKDTEMP = _re.compile(r"^(?P<shell>/\S+) -c '\( umask (?P<umask>[0-7]{1,4}) && "
+                       r'mkdir -p "` echo (?P<base>%s) `"&& '
+                       r'mkdir "` echo (?P<tmp>%s) `" && '
+                       r'echo (?P<name>[A-Za-z0-9_.+,@%%:-]+)="` echo (?P=tmp) `" \) '
+                       r"&& sleep 0'$" % (_PLAIN, _PLAIN), _re.ASCII)
+#: ShellBase.remove(path, recurse=True).
+_RM_TREE = _re.compile(r"^(?P<shell>/\S+) -c 'rm -f -r (?P<path>%s) > /dev/null 2>&1 "
+                       r"&& sleep 0'$" % _PLAIN, _re.ASCII)
+
+
+def _builtin(cmd, shell=None):
+    """``(rc, stdout, stderr)`` of `cmd` done without a shell, or None: run
+    it in a shell (not one of the three commands, an unusual form, a login
+    shell or named shell that is not a POSIX shell, or a failure)."""
+    if not cmd.endswith("&& sleep 0'"):
+        return None
+    m = _ECHO_HOME.match(cmd) or _MKDTEMP.match(cmd) or _RM_TREE.match(cmd)
+    if m is None:
+        return None
+    login = shell or _login_shell()
+    if os.path.basename(login) not in _SHELLS or \
+            os.path.basename(m.group('shell')) not in _SHELLS or \
+            not os.access(m.group('shell'), os.X_OK):
+        return None
+    try:
+        if m.re is _ECHO_HOME:
+            return _echo_home(m.group('user'))
+        if m.re is _MKDTEMP:
+            return _mkdtemp(int(m.group('umask'), 8), m.group('base'), m.group('tmp'),
+                            m.group('name'))
+        return _rm_tree(m.group('path'))
+    except OSError:
+        return None
+
+
+def _echo_home(user):
+    """``echo ~`` / ``echo ~user``: what the shell's tilde expansion prints."""
+    import pwd
+    if user:
+        try:
+            home = pwd.getpwnam(user).pw_dir
+        except KeyError:
+            home = '~' + user           # no such user: the word stays as it is
+    elif 'HOME' in os.environ:
+        home = os.environ['HOME']
+    else:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    return 0, os.fsencode(home) + b'\n', b''
+
+
+def _current_umask():
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith('Umask:'):
+                return int(line.split()[1], 8)
+    raise OSError(errno.ENOSYS, 'no Umask in /proc/self/status')
+
+
+def _mkdir(path, mode, umask):
+    """mkdir(2) with `mode` under the process umask, then the bits that umask
+    took away given back (only then: chmod would also rewrite an ACL mask)."""
+    os.mkdir(path, mode)
+    if mode & umask:
+        os.chmod(path, mode)
+
+
+def _mkdtemp(umask, base, tmp, name):
+    if tmp != os.path.join(base, name) or '/' in name:
+        return None
+    mode = 0o777 & ~umask
+    current = _current_umask()
+    # mkdir -p: the missing parents get u+wx besides, the last one `mode`.
+    missing, p = [], os.path.normpath(base)
+    while not os.path.isdir(p):
+        if os.path.lexists(p):
+            return None                 # a file in the way: the shell says so
+        missing.append(p)
+        p = os.path.dirname(p)
+    for i, d in enumerate(reversed(missing)):
+        last = i == len(missing) - 1
+        _mkdir(d, mode if last else mode | 0o300, current)
+    _mkdir(tmp, mode, current)          # exists already: the shell says so
+    return 0, os.fsencode('%s=%s\n' % (name, tmp)), b''
+
+
+def _rm_tree(path):
+    """``rm -f -r PATH > /dev/null 2>&1``: nothing there is success; a
+    symbolic link or a file is left to rm."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return 0, b'', b''
+    import stat
+    if not stat.S_ISDIR(st.st_mode):
+        return None
+    import shutil
+    shutil.rmtree(path)
+    return 0, b'', b''
 
 
 #: What CPython's locale coercion (PEP 538) exports as LC_CTYPE when it

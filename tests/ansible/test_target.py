@@ -80,6 +80,114 @@ def test_commands_and_terminal(agent):
     assert (rc, out, err) == (0, b'out\r\nerr\r\n', b'')
 
 
+# ---------------------------------------------------------------------------
+# Ansible's housekeeping commands, done without a shell: the commands are
+# written by Ansible's own sh shell plugin and wrapped as
+# _low_level_execute_command wraps them; each result must be the shell's.
+
+def _ansible_command(body):
+    import shlex
+    return '/bin/sh -c ' + shlex.quote(body + ' && sleep 0')
+
+
+def _sh_plugin():
+    from ansible.plugins.loader import shell_loader
+    return shell_loader.get('sh')
+
+
+def _both(agent, cmd):
+    """(what exec_command gives, what a real login shell gives)"""
+    assert agent.call(target._builtin, cmd) is not None, 'not done without a shell: %s' % cmd
+    return agent.call(target.exec_command, cmd), \
+        agent.call(target._run_piped, ['/bin/sh', '-c', cmd], None, None)
+
+
+def test_echo_home_is_the_shells(agent):
+    sh = _sh_plugin()
+    for path, user in (('~', ''), ('~', 'root'), ('~nosuch-user-x', ''), ('~root', '')):
+        cmd = _ansible_command(sh.expand_user(path, user))
+        ours, shell = _both(agent, cmd)
+        assert ours == shell, cmd
+
+
+def _modes(root):
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            out[os.path.relpath(p, root)] = oct(os.lstat(p).st_mode)
+    return out
+
+
+def test_temporary_directory_is_the_shells(agent, tmp_path):
+    sh = _sh_plugin()
+    results, trees = [], []
+    for way in ('ours', 'shell'):
+        root = tmp_path / way
+        root.mkdir()
+        cmd = _ansible_command(sh.mkdtemp('ansible-tmp-1-2-3', tmpdir=str(root / 'a' / 'b')))
+        if way == 'ours':
+            got = agent.call(target.exec_command, cmd)
+            assert agent.call(target._builtin, cmd) is None      # exists now: the shell's turn
+        else:
+            got = agent.call(target._run_piped, ['/bin/sh', '-c', cmd], None, None)
+        results.append((got[0], got[1].replace(str(root).encode(), b'ROOT'), got[2]))
+        trees.append(_modes(str(root)))
+        # Again: the directory exists; the error is the shell's own.
+        again = agent.call(target.exec_command, cmd)
+        results.append((again[0], again[1], again[2].replace(str(root).encode(), b'ROOT')))
+    assert results[0] == results[2] and results[1] == results[3], results
+    assert results[0][0] == 0 and results[1][0] == 1 and b'File exists' in results[1][2], results
+    assert trees[0] == trees[1] == {'a': '0o40700', 'a/b': '0o40700',
+                                    'a/b/ansible-tmp-1-2-3': '0o40700'}, trees
+
+
+def test_temporary_directory_failures_are_the_shells(agent, tmp_path):
+    sh = _sh_plugin()
+    (tmp_path / 'file').write_text('in the way')
+    cmd = _ansible_command(sh.mkdtemp('ansible-tmp-1', tmpdir=str(tmp_path / 'file' / 'sub')))
+    assert agent.call(target._builtin, cmd) is None
+    assert agent.call(target.exec_command, cmd) == \
+        agent.call(target._run_piped, ['/bin/sh', '-c', cmd], None, None)
+
+
+def test_removal_is_the_shells(agent, tmp_path):
+    sh = _sh_plugin()
+    tree = tmp_path / 'ansible-tmp-9'
+    (tree / 'sub').mkdir(parents=True)
+    (tree / 'sub' / 'f').write_text('x')
+    os.symlink('/nonexistent', str(tree / 'dangling'))
+    kept = tmp_path / 'kept'
+    kept.mkdir()
+    link = tmp_path / 'ansible-tmp-link'
+    os.symlink(str(kept), str(link))
+    cmd = _ansible_command(sh.remove(str(tree) + '/', recurse=True))
+    assert agent.call(target._builtin, cmd) is not None
+    assert not tree.exists()
+    # Nothing there: success, as rm -f says.
+    assert agent.call(target.exec_command, cmd) == (0, b'', b'')
+    # A link is rm's to remove (itself, not what it points to).
+    cmd = _ansible_command(sh.remove(str(link), recurse=True))
+    assert agent.call(target._builtin, cmd) is None
+    assert agent.call(target.exec_command, cmd) == (0, b'', b'')
+    assert not os.path.lexists(str(link)) and kept.is_dir()
+
+
+def test_other_commands_go_to_a_shell():
+    for cmd in ("/bin/sh -c 'echo ~ $HOME && sleep 0'",
+                "/bin/sh -c 'echo '\"'\"'~x y'\"'\"' && sleep 0'",
+                "/bin/sh -c 'echo ~'",
+                "/bin/sh -c 'rm -f -r /tmp/$X > /dev/null 2>&1 && sleep 0'",
+                "/bin/sh -c 'rm -f -r '\"'\"'/tmp/a b'\"'\"' > /dev/null 2>&1 && sleep 0'",
+                "/usr/bin/python3 -c 'echo ~ && sleep 0'",
+                "sudo -u root /bin/sh -c 'echo ~ && sleep 0'",
+                "/bin/sh -c '( umask 77 && mkdir -p \"` echo $HOME/x `\"&& mkdir \"` echo $HOME/x/t `\" "
+                "&& echo t=\"` echo $HOME/x/t `\" ) && sleep 0'"):
+        assert target._builtin(cmd) is None, cmd
+    # A login shell that is not a shell (nologin) refuses everything, as sshd's would.
+    assert target._builtin("/bin/sh -c 'echo ~ && sleep 0'", '/usr/sbin/nologin') is None
+
+
 def test_pipelined_command_parser():
     p = target.pipelined_python
     assert p("/bin/sh -c '/usr/bin/python3 && sleep 0'") == ({}, '/usr/bin/python3', '/bin/sh')
