@@ -14,7 +14,6 @@ Prints one JSON object with what it saw.
 import hashlib
 import json
 import os
-import resource
 import sys
 
 from ansible.playbook.play_context import PlayContext

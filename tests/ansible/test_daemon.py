@@ -5,9 +5,7 @@ and an idle daemon exits. Each test has a daemon of its own (socket, settings,
 log in a private directory: mux_helpers.MuxEnv). That another uid cannot attach
 is tested on the client the plugins use (tests/mux/test_mux_client.py)."""
 import os
-import shutil
 import sys
-import tempfile
 import threading
 
 import pytest
@@ -16,23 +14,15 @@ import runner
 from runner import OURS
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'mux'))
-from mux_helpers import MuxEnv, pid_alive, wait_for  # noqa: E402
+from mux_helpers import pid_alive, private_daemon, wait_for  # noqa: E402
 
 HOSTS = ('h1', 'h2', 'h3')
 
 
 @pytest.fixture
 def daemon():
-    root = tempfile.mkdtemp(prefix='mux-ansible-', dir='/tmp')
-    os.chmod(root, 0o700)
-    env = MuxEnv(root)
-    try:
+    with private_daemon('mux-ansible-') as env:
         yield env
-    finally:
-        try:
-            env.stop()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def _env(daemon):

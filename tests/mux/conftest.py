@@ -3,9 +3,7 @@ socket in a private directory of its own (so tests never share, or kill,
 someone else's daemon), a settings file there, and the daemon is stopped
 afterwards."""
 import os
-import shutil
 import sys
-import tempfile
 
 import pytest
 
@@ -23,23 +21,15 @@ os.environ['PYTHONPATH'] = os.pathsep.join(
     [HERE, _pkg_parent] + [p for p in os.environ.get('PYTHONPATH', '').split(os.pathsep) if p])
 
 
-from mux_helpers import MuxEnv  # noqa: E402
+from mux_helpers import private_daemon  # noqa: E402
 
 
 @pytest.fixture
 def mux_env(monkeypatch):
-    root = tempfile.mkdtemp(prefix='mux-', dir='/tmp')
-    os.chmod(root, 0o700)
-    env = MuxEnv(root)
-    monkeypatch.setenv(mitogen_native.mux.SOCKET_ENV, env.socket)
-    monkeypatch.setenv('MITOGEN_MUX_CONFIG', env.config)
-    try:
+    with private_daemon() as env:
+        monkeypatch.setenv(mitogen_native.mux.SOCKET_ENV, env.socket)
+        monkeypatch.setenv('MITOGEN_MUX_CONFIG', env.config)
         yield env
-    finally:
-        try:
-            env.stop()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')

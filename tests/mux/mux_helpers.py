@@ -1,8 +1,11 @@
 """Helpers of the multiplexer daemon's client tests (the fixtures are in
 conftest.py)."""
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import mitogen_native.mux
@@ -97,3 +100,19 @@ def ssh_hop(sshd, **extra):
            'known_hosts_file': sshd['known_hosts'], 'connect_timeout': 20}
     hop.update(extra)
     return hop
+
+
+@contextlib.contextmanager
+def private_daemon(prefix='mux-'):
+    """A :class:`MuxEnv` in a new private directory, its daemon stopped and the
+    directory removed afterwards."""
+    root = tempfile.mkdtemp(prefix=prefix, dir='/tmp')
+    os.chmod(root, 0o700)
+    env = MuxEnv(root)
+    try:
+        yield env
+    finally:
+        try:
+            env.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
