@@ -1,13 +1,17 @@
-"""Build step: embed the agent (zlib-compressed, as it is sent) and the stage-1
-template into a C++ source file."""
+"""Build step: embed the agent (its parts joined by core/agent/build_agent.py,
+zlib-compressed, as it is sent) and the stage-1 template into a C++ source file.
+
+    embed_agent.py AGENT_DIR OUT_CPP
+"""
 import sys
 import zlib
 
-agent_path, stage1_path, out_path = sys.argv[1:4]
-with open(agent_path, 'rb') as f:
-    agent = f.read()
-with open(stage1_path, 'rb') as f:
-    stage1 = f.read()
+agent_dir, out_path = sys.argv[1:3]
+sys.path.insert(0, agent_dir)
+import build_agent  # noqa: E402
+
+agent = build_agent.agent_source(agent_dir).encode('utf-8')
+stage1 = build_agent.stage1_source(agent_dir).encode('utf-8')
 compressed = zlib.compress(agent, 9)
 
 

@@ -19,6 +19,7 @@ import pickle
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -45,9 +46,17 @@ def stage1_source(preamble_len):
         return f.read().rstrip('\n').replace('PREAMBLE_LEN', str(preamble_len))
 
 
+def agent_source():
+    """The agent as it ships: its parts joined by core/agent/build_agent.py,
+    the same function the build embeds."""
+    if AGENT_DIR not in sys.path:
+        sys.path.insert(0, AGENT_DIR)
+    import build_agent
+    return build_agent.agent_source(AGENT_DIR)
+
+
 def compressed_agent():
-    with open(os.path.join(AGENT_DIR, 'agent.py'), 'rb') as f:
-        return zlib.compress(f.read(), 9)
+    return zlib.compress(agent_source().encode('utf-8'), 9)
 
 
 # -- wire values as the test sees them ---------------------------------------

@@ -17,8 +17,7 @@ ALLOCATE_ID = 105
 
 def test_stage1_copy_in_the_agent_matches_stage1_py():
     # The agent passes its own copy of stage 1 to the contexts it starts.
-    with open(os.path.join(fake_master.AGENT_DIR, 'agent.py')) as f:
-        tree = ast.parse(f.read())
+    tree = ast.parse(fake_master.agent_source())
     # It lives in the intermediary's code, compiled on first use.
     via = [ast.literal_eval(node.value) for node in tree.body
            if isinstance(node, ast.Assign) and

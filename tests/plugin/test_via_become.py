@@ -1,6 +1,6 @@
 """sudo/su/doas started by another context (via=): the intermediary's agent runs
 the program under a terminal of its own and answers the prompt
-(core/agent/agent.py, _spawn_sudo; docs/become.md, docs/via.md).
+(core/agent/via/30_become.py, _spawn_sudo; docs/become.md, docs/via.md).
 
 Against the loopback sshd (tests/core/context/ssh/sshd_fixture.py) and the users and
 sudoers rule of tests/core/context/become/become_fixture.py: `mitogen-test` may sudo to

@@ -28,7 +28,7 @@
 namespace mitogen {
 namespace {
 
-/// The options a become method's agent-side twin (agent.py, _spawn_sudo/_su/_doas)
+/// The options a become method's agent-side twin (core/agent/via/30_become.py, _spawn_sudo/_su/_doas)
 /// takes, for via=. The password travels as a Secret inside the call that starts
 /// the child, over the already-established connection; it is never logged.
 wire::dict become_via_options(const become_options& o) {

@@ -11,7 +11,7 @@
 namespace mitogen::detail {
 
 /// Ask `o.via` to start a context with connection method `method` of its agent
-/// (core/agent/agent.py, _METHODS) and `method_options`; the common options of `o`
+/// (core/agent/via/40_connect.py, _METHODS) and `method_options`; the common options of `o`
 /// are added. Returns the new context, named "<via name>.<name the agent chose>".
 /// Throws stream_error like local()/ssh(); `classify` may refine its code from the
 /// agent's error text.

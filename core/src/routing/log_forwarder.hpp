@@ -3,7 +3,7 @@
 /// each record a child forwards, rate-limits each child with token buckets (records
 /// and bytes) so that none can drown the controller, and hands the record to the
 /// sink (default: the spdlog logger). Our agent stays within half of both budgets
-/// (it coalesces output lines and makes writers wait: agent.py _Pacer), so only a
+/// (it coalesces output lines and makes writers wait: core/agent/parts/30_messages.py, _Pacer), so only a
 /// child that ignores that loses records. The router registers it on FORWARD_LOG at create() and tells it
 /// when a context goes, so that the records it dropped are reported once.
 #include <chrono>
