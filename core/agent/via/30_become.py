@@ -10,34 +10,8 @@ import signal
 # interpreter writes to stdout (MITO000 follows). The terminal stays open for
 # the child's lifetime (closing it would hang the child up).
 
-_BECOME_PROMPTS = (
-    u'password', u'passwort', u'mot de passe', u'contrase\xf1a',
-    u'contrasenya', u'senha', u'wachtwoord', u'l\xf6senord', u'adgangskode',
-    u'passord', u'salasana', u'has\u0142o', u'heslo', u'jelsz\xf3', u'parola',
-    u'parool', u'lozinka', u'sandi', u'\u043f\u0430\u0440\u043e\u043b\u044c',
-    u'\u043f\u0430\u0440\u043e\u043b\u0430', u'\u5bc6\u7801', u'\u5bc6\u78bc',
-    u'\u30d1\u30b9\u30ef\u30fc\u30c9', u'\uc554\ud638',
-    u'\u03c3\u03c5\u03bd\u03b8\u03b7\u03bc\u03b1\u03c4\u03b9\u03ba\u03cc',
-    u'\u05e1\u05d9\u05e1\u05de\u05d4',
-    u'\u0643\u0644\u0645\u0629 \u0627\u0644\u0633\u0631', u'm\u1eadt kh\u1ea9u',
-)
-
-# method -> (incorrect, not allowed, password required): lower-case substrings.
-_BECOME_FAILURES = {
-    'sudo': (('sorry, try again', 'incorrect password',
-              'authentication failure'),
-             ('is not in the sudoers file', 'is not allowed to execute',
-              'may not run sudo', 'is not allowed to run sudo'),
-             ('a password is required', 'no askpass program specified')),
-    'su': (('su: sorry', 'su: authentication failure',
-            'su: incorrect password', 'authentication is denied'),
-           ('su: permission denied', 'su: you are not authorized'),
-           ()),
-    'doas': (('doas: authentication failed', 'doas: authorization failed'),
-             ('doas: operation not permitted',),
-             ('doas: a password is required',)),
-}
-
+# The prompt and failure texts (lower-case substrings) come from the master with
+# each connect (become.cpp, become_defaults(), or the user's): one list, kept there.
 
 class _BecomeProc(object):
     """A child started through sudo/su/doas: Popen's shape for _connect_child
@@ -148,14 +122,10 @@ def _become_spawn(argv):
 def _become_dialogue(proc, method, options, deadline):
     """Answer the password prompt once; return when the interpreter writes
     to stdout. Raises _BootError with the master's codes on failure."""
-    prompts = [p.lower() for p in (options.get('password_prompts') or
-                                   _BECOME_PROMPTS)]
-    defaults = _BECOME_FAILURES[method]
-    incorrect = [p.lower() for p in (options.get('incorrect_prompts') or
-                                     defaults[0])]
-    not_allowed = [p.lower() for p in (options.get('not_allowed_prompts') or
-                                       defaults[1])]
-    required = defaults[2]
+    prompts, incorrect, not_allowed, required = (
+        [p.lower() for p in options.get(k) or ()]
+        for k in ('password_prompts', 'incorrect_prompts', 'not_allowed_prompts',
+                  'password_required'))
     password = options.get('password')
     target = options.get('username') or 'root'
     sent = [False]

@@ -30,8 +30,10 @@ namespace {
 
 /// The options a become method's agent-side twin (core/agent/via/30_become.py, _spawn_sudo/_su/_doas)
 /// takes, for via=. The password travels as a Secret inside the call that starts
-/// the child, over the already-established connection; it is never logged.
-wire::dict become_via_options(const become_options& o) {
+/// the child, over the already-established connection; it is never logged. The
+/// prompt and failure texts are always sent (the user's, else become_defaults()):
+/// the agent keeps no table of its own, so there is one list to maintain.
+wire::dict become_via_options(const become_options& o, const std::string& method) {
   wire::dict d;
   auto put = [&](const char* k, wire::value v) { d.items.emplace_back(wire::str{k}, std::move(v)); };
   auto list = [](const std::vector<std::string>& v) {
@@ -41,9 +43,14 @@ wire::dict become_via_options(const become_options& o) {
   };
   if (o.username) put("username", wire::str{*o.username});
   if (o.password) put("password", wire::secret{*o.password});
-  if (!o.password_prompts.empty()) put("password_prompts", list(o.password_prompts));
-  if (!o.incorrect_prompts.empty()) put("incorrect_prompts", list(o.incorrect_prompts));
-  if (!o.not_allowed_prompts.empty()) put("not_allowed_prompts", list(o.not_allowed_prompts));
+  const become_patterns defaults = become_defaults(method);
+  auto either = [](const std::vector<std::string>& mine, const std::vector<std::string>& dflt) {
+    return mine.empty() ? dflt : mine;
+  };
+  put("password_prompts", list(either(o.password_prompts, defaults.password_prompts)));
+  put("incorrect_prompts", list(either(o.incorrect_prompts, defaults.incorrect_prompts)));
+  put("not_allowed_prompts", list(either(o.not_allowed_prompts, defaults.not_allowed_prompts)));
+  put("password_required", list(defaults.password_required));
   return d;
 }
 
@@ -513,7 +520,7 @@ context sudo(router& r, const sudo_options& opts) {
   const std::string target = o.username.value_or("root");
   if (o.via) {
     check_password(o, "sudo");
-    auto d = become_via_options(o);
+    auto d = become_via_options(o, "sudo");
     d.items.emplace_back(wire::str{"sudo_path"}, wire::str{o.sudo_path});
     for (auto [k, on] : {std::pair{"preserve_env", o.preserve_env}, {"set_home", o.set_home}, {"login", o.login}})
       if (on) d.items.emplace_back(wire::str{k}, true);
@@ -530,7 +537,7 @@ context su(router& r, const su_options& o) {
   const std::string target = o.username.value_or("root");
   if (o.via) {
     check_password(o, "su");
-    auto d = become_via_options(o);
+    auto d = become_via_options(o, "su");
     d.items.emplace_back(wire::str{"su_path"}, wire::str{o.su_path});
     return detail::connect_via(r, o, "su", std::move(d));
   }
@@ -546,7 +553,7 @@ context doas(router& r, const doas_options& o) {
   const std::string target = o.username.value_or("root");
   if (o.via) {
     check_password(o, "doas");
-    auto d = become_via_options(o);
+    auto d = become_via_options(o, "doas");
     d.items.emplace_back(wire::str{"doas_path"}, wire::str{o.doas_path});
     return detail::connect_via(r, o, "doas", std::move(d));
   }
