@@ -15,6 +15,25 @@
 # from that child, and it can wake a waiter sleeping on its slot but not one
 # blocked reading from the parent (see _start_router_thread()).
 
+_wake_fds = None                # (r, w): wakes a reader waiting in _lead_until
+_leading_slot = None            # the slot of that reader
+_wake_lock = _thread.allocate_lock()
+
+
+def _wake_pipe():
+    global _wake_fds
+    with _wake_lock:
+        if _wake_fds is None:
+            r, w = os.pipe()
+            fds = (_private_dup(r), _private_dup(w))
+            os.close(r)
+            os.close(w)
+            for fd in fds:
+                os.set_blocking(fd, False)
+            _wake_fds = fds
+    return _wake_fds
+
+
 class _Slot(object):
     __slots__ = ('queue', 'wake', 'sleeping', 'peer')
 
@@ -96,8 +115,14 @@ class _Inbox(object):
         (then it must not wait for a message: nobody else would read it)."""
         return self._reading and self._leader == _thread.get_ident()
 
-    def wait(self, slot):
-        """Return the next item delivered to `slot`, reading if needed."""
+    def wait(self, slot, timeout=None, wakeable=False):
+        """Return the next item delivered to `slot`, reading frames if nobody
+        else does: the one wait of the agent (replies, the main thread's calls,
+        Latch items). After `timeout` seconds (None: never) raise TimeoutError.
+        `wakeable`: items also arrive from other threads (a Latch's put()), so
+        a reader waiting here polls the wake pipe besides the parent's
+        descriptor; replies and calls arrive only as frames and need not."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._lock:
                 if slot.queue:
@@ -111,15 +136,66 @@ class _Inbox(object):
                     slot.sleeping = True
                     self._sleeping.append(slot)
             if not lead:
-                slot.wake.acquire()
+                self._sleep(slot, deadline, timeout)
                 continue
             try:
-                # Appends happen under the lock, but reading the list's length
-                # without it is safe; the loop above re-checks with the lock.
-                while not slot.queue:
-                    self._route(self.read_frame())
+                if deadline is None and not wakeable:
+                    # Appends happen under the lock, but reading the list's
+                    # length without it is safe; the loop above re-checks.
+                    while not slot.queue:
+                        self._route(self.read_frame())
+                else:
+                    self._lead_until(slot, deadline, timeout)
             finally:
                 self._step_down()
+
+    def _sleep(self, slot, deadline, timeout):
+        """Sleep until woken (with an item, or to take over reading) or until
+        `deadline`: then TimeoutError, unless a wake-up raced with it."""
+        if deadline is None:
+            slot.wake.acquire()
+            return
+        if slot.wake.acquire(True, max(0.0, deadline - time.monotonic())):
+            return
+        with self._lock:
+            timed_out = slot.sleeping
+            if timed_out:
+                slot.sleeping = False
+                self._sleeping.remove(slot)
+        if timed_out:
+            raise TimeoutError('no message within %r seconds' % (timeout,))
+        slot.wake.acquire()         # the wake-up that raced with the timeout
+
+    def _lead_until(self, slot, deadline, timeout):
+        """As the reader: read frames until `slot` has an item, waking on the
+        wake pipe too (an item put by another thread) and at `deadline`."""
+        global _leading_slot
+        wake_r = _wake_pipe()[0]
+        _leading_slot = slot
+        try:
+            poller = select.poll()
+            poller.register(self._file.fileno(), select.POLLIN)
+            poller.register(wake_r, select.POLLIN)
+            while not slot.queue:
+                if self._end == self._start:    # nothing buffered: wait
+                    if deadline is None:
+                        ms = None
+                    else:
+                        ms = int((deadline - time.monotonic()) * 1000) + 1
+                        if ms <= 0:
+                            raise TimeoutError(
+                                'no message within %r seconds' % (timeout,))
+                    ready = [fd for fd, _ in poller.poll(ms)]
+                    if wake_r in ready:
+                        try:
+                            os.read(wake_r, 4096)
+                        except OSError:
+                            pass
+                    if self._file.fileno() not in ready:
+                        continue
+                self._route(self.read_frame())
+        finally:
+            _leading_slot = None
 
     def _step_down(self):
         # Hand the reader role to a sleeping waiter, if any; once there is a

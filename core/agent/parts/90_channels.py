@@ -14,33 +14,15 @@
 # upstream's; remote code imports it as `mitogen.select` (registered in
 # sys.modules below). Sender.send() encodes and writes on the calling thread.
 #
-# _chan_wait() is _Inbox.wait() plus a timeout and the wake pipe: it takes and
-# hands over the reader role through the same _Inbox fields (_reading, _leader,
-# _sleeping, _step_down), so a change to that protocol must be made in both.
-# It adds no state to _Inbox.
+# A Latch waits with _Inbox.wait(timeout, wakeable=True): the same reader
+# protocol as replies and calls, plus a timeout and the wake pipe.
 
 class LatchError(Error):
     """The Latch was closed."""
 
 
 _CLOSED = object()              # delivered to a Latch's waiters by close()
-_wake_fds = None                # (r, w): wakes a reader waiting on a Latch
-_leading_slot = None            # the slot of the reader waiting on a Latch
-_chan_lock = _thread.allocate_lock()
-
-
-def _wake_pipe():
-    global _wake_fds
-    with _chan_lock:
-        if _wake_fds is None:
-            r, w = os.pipe()
-            fds = (_private_dup(r), _private_dup(w))
-            os.close(r)
-            os.close(w)
-            for fd in fds:
-                os.set_blocking(fd, False)
-            _wake_fds = fds
-    return _wake_fds
+_chan_lock = _thread.allocate_lock()    # slots' state before bootstrap (unit tests)
 
 
 def _chan_deliver(slot, item):
@@ -63,72 +45,26 @@ def _chan_deliver(slot, item):
 
 def _chan_wait(slot, timeout):
     """Return the next item delivered to `slot`, reading frames if nobody
-    else does. Raises TimeoutError after `timeout` seconds."""
-    global _leading_slot
+    else does (_Inbox.wait). Raises TimeoutError after `timeout` seconds."""
     inbox = _inbox
+    if inbox is not None:
+        return inbox.wait(slot, timeout, wakeable=True)
+    # Not bootstrapped (unit tests): only other threads deliver.
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        if inbox is None:
-            lead = False
+        with _chan_lock:
+            if slot.queue:
+                return slot.queue.pop(0)
+            slot.sleeping = True
+        if deadline is None:
+            slot.wake.acquire()
+        elif not slot.wake.acquire(True, max(0.0, deadline - time.monotonic())):
             with _chan_lock:
-                if slot.queue:
-                    return slot.queue.pop(0)
-                slot.sleeping = True
-        else:
-            with inbox._lock:
-                if slot.queue:
-                    return slot.queue.pop(0)
-                lead = not inbox._reading and inbox.router is None
-                if lead:
-                    inbox._reading = True
-                    inbox._leader = _thread.get_ident()
-                else:
-                    slot.sleeping = True
-                    inbox._sleeping.append(slot)
-        if not lead:
-            if deadline is None:
-                slot.wake.acquire()
-                continue
-            if slot.wake.acquire(True, max(0.0, deadline - time.monotonic())):
-                continue
-            lock = _chan_lock if inbox is None else inbox._lock
-            with lock:
                 timed_out = slot.sleeping
-                if timed_out:
-                    slot.sleeping = False
-                    if inbox is not None:
-                        inbox._sleeping.remove(slot)
+                slot.sleeping = False
             if timed_out:
                 raise TimeoutError('no message within %r seconds' % (timeout,))
             slot.wake.acquire()     # the wake-up that raced with the timeout
-            continue
-        wake_r = _wake_pipe()[0]
-        _leading_slot = slot
-        try:
-            poller = select.poll()
-            poller.register(inbox._file.fileno(), select.POLLIN)
-            poller.register(wake_r, select.POLLIN)
-            while not slot.queue:
-                if inbox._end == inbox._start:   # nothing buffered: wait
-                    if deadline is None:
-                        ms = None
-                    else:
-                        ms = int((deadline - time.monotonic()) * 1000) + 1
-                        if ms <= 0:
-                            raise TimeoutError(
-                                'no message within %r seconds' % (timeout,))
-                    ready = [fd for fd, _ in poller.poll(ms)]
-                    if wake_r in ready:
-                        try:
-                            os.read(wake_r, 4096)
-                        except OSError:
-                            pass
-                    if inbox._file.fileno() not in ready:
-                        continue
-                inbox._route(inbox.read_frame())
-        finally:
-            _leading_slot = None
-            inbox._step_down()
 
 
 class Latch(object):
