@@ -236,10 +236,7 @@ void register_channels(py::module_& m) {
             {
               // The common case of a stream: the next item is already queued.
               nogil g;
-              try {
-                m = c.rx->get(std::chrono::milliseconds(0));
-              } catch (const mitogen::timeout_error&) {
-              }
+              m = c.rx->get_for(std::chrono::milliseconds(0));
             }
             if (!m) m = wait_message(*c.rx, timeout);
             return message_tuple(std::move(*m));

@@ -164,10 +164,7 @@ py::object call(const py_context& c, const py::args& args, const py::kwargs& kw)
     // One GIL release for send + the first wait slice: most calls end here.
     nogil g;
     rx = c.ctx.call_async(std::move(spec));
-    try {
-      m = rx->get(signal_poll);
-    } catch (const mitogen::timeout_error&) {
-    }
+    m = rx->get_for(signal_poll);
   }
   if (!m) m = wait_message(*rx, std::nullopt);
   return result_of(c, *m);

@@ -64,12 +64,8 @@ wire::message wait_message(receiver& rx, std::optional<double> timeout_s) {
   // slices only bound how late a signal handler may run.
   bool ok = wait_until(
       [&](std::chrono::milliseconds slice) {
-        try {
-          m = rx.get(slice);
-          return true;
-        } catch (const mitogen::timeout_error&) {
-          return false;
-        }
+        m = rx.get_for(slice);
+        return m.has_value();
       },
       timeout_s);
   if (!ok) throw mitogen::timeout_error("no reply within " + std::to_string(*timeout_s) + " s");

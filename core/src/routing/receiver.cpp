@@ -48,13 +48,23 @@ std::size_t receiver::set_notify(std::function<void()> fn) {
 }
 
 wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> timeout) {
-  std::unique_lock lk(mu_);
-  auto ready = [&] { return !q_.empty() || dead_.has_value(); };
   if (timeout) {
-    if (!cv_.wait_for(lk, *timeout, ready)) throw timeout_error("receive timed out");
-  } else {
-    cv_.wait(lk, ready);
+    auto m = get_for(*timeout);
+    if (!m) throw timeout_error("receive timed out");
+    return std::move(*m);
   }
+  std::unique_lock lk(mu_);
+  cv_.wait(lk, [&] { return !q_.empty() || dead_.has_value(); });
+  return pop_locked();
+}
+
+std::optional<wire::message> receiver::get_for(std::chrono::steady_clock::duration timeout) {
+  std::unique_lock lk(mu_);
+  if (!cv_.wait_for(lk, timeout, [&] { return !q_.empty() || dead_.has_value(); })) return std::nullopt;
+  return pop_locked();
+}
+
+wire::message receiver::pop_locked() {
   if (q_.empty()) return *dead_;
   wire::message m = std::move(q_.front());
   q_.pop_front();
@@ -66,10 +76,7 @@ wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> t
 std::optional<wire::message> receiver::try_get() {
   std::lock_guard lk(mu_);
   if (q_.empty()) return dead_;
-  wire::message m = std::move(q_.front());
-  q_.pop_front();
-  if (m.is_dead()) dead_ = m;
-  return m;
+  return pop_locked();
 }
 
 }  // namespace mitogen

@@ -201,6 +201,24 @@ TEST_CASE("an explicit handle that is taken is refused unless overwrite", "[rout
   CHECK(rx->get(5s).data == "still mine");
 }
 
+TEST_CASE("receiver get_for: nothing when the time passes, else the message or the dead one", "[router][channels]") {
+  rig t;
+  auto rx = t.r->make_receiver(std::nullopt, true);
+  CHECK_FALSE(rx->get_for(10ms).has_value());  // no exception: an expected outcome
+  CHECK_THROWS_AS(rx->get(10ms), timeout_error);
+  t.r->route(request(0, rx->handle(), "queued"));
+  auto m = rx->get_for(5s);
+  REQUIRE(m.has_value());
+  CHECK(m->data == "queued");
+  rx->close("closed here");
+  for (int i = 0; i < 2; ++i) {  // the dead message ends the channel, answered again
+    auto d = rx->get_for(0ms);
+    REQUIRE(d.has_value());
+    CHECK(d->is_dead());
+    CHECK(d->data == "closed here");
+  }
+}
+
 TEST_CASE("receiver close wakes a blocked get, notify counts pushes", "[router][channels]") {
   rig t;
   auto rx = t.r->make_receiver(std::nullopt, true);

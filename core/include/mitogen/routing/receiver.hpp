@@ -32,6 +32,11 @@ class receiver {
   /// Throws timeout_error when `timeout` passes first.
   wire::message get(std::optional<std::chrono::steady_clock::duration> timeout = std::nullopt);
 
+  /// As get(), without the exception: the next message, or nothing when `timeout`
+  /// passes first. For callers that wait in slices (to run signal handlers between
+  /// them): an expected outcome is not an exception.
+  std::optional<wire::message> get_for(std::chrono::steady_clock::duration timeout);
+
   /// Non-blocking: the next message if one is queued.
   std::optional<wire::message> try_get();
 
@@ -54,6 +59,8 @@ class receiver {
  private:
   friend class router;
   receiver(std::weak_ptr<router> r, std::uint32_t handle) : router_(std::move(r)), handle_(handle) {}
+  /// The next message, or the dead one that ended the channel; mu_ held, one ready.
+  wire::message pop_locked();
 
   std::weak_ptr<router> router_;
   std::uint32_t handle_;
