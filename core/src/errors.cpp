@@ -9,20 +9,10 @@ class category final : public std::error_category {
   std::string message(int ev) const override {
     switch (static_cast<errc>(ev)) {
       case errc::child_died: return "the context disconnected";
-      case errc::connect_timeout: return "connect timeout";
-      case errc::spawn_failed: return "the interpreter could not be started";
-      case errc::bootstrap_failed: return "bootstrap failed";
       case errc::protocol_error: return "protocol error";
       case errc::broker_shut_down: return "the broker was shut down";
       case errc::no_route: return "no route to the context";
       case errc::timed_out: return "timed out";
-      case errc::auth_failed: return "authentication failed";
-      case errc::host_key_mismatch: return "host key mismatch";
-      case errc::host_key_unknown: return "host key not known";
-      case errc::host_unreachable: return "host unreachable";
-      case errc::become_password_wrong: return "the password was refused";
-      case errc::become_password_required: return "a password is required";
-      case errc::become_not_allowed: return "not allowed to become the target user";
     }
     return "unknown mitogen error";
   }

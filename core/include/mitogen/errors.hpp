@@ -7,23 +7,14 @@
 
 namespace mitogen {
 
-/// Conditions callers must react to. Category "mitogen".
+/// Conditions of the io and routing layers callers must react to. Category
+/// "mitogen". Why a connection failed is layer 4's (mitogen/context/errors.hpp).
 enum class errc {
   child_died = 1,      ///< the context's process exited or its stream closed
-  connect_timeout,     ///< bootstrap did not finish within connect_timeout
-  spawn_failed,        ///< the interpreter could not be started
-  bootstrap_failed,    ///< the child answered, but not with the bootstrap markers
   protocol_error,      ///< the peer broke framing or the codec rules
   broker_shut_down,    ///< the broker (or router) was shut down
   no_route,            ///< no stream leads to the destination context
   timed_out,           ///< a call's deadline passed
-  auth_failed,         ///< the server refused every credential offered (SSH)
-  host_key_mismatch,   ///< the server's host key differs from the known one (SSH)
-  host_key_unknown,    ///< the host is not in known_hosts and the policy is enforce (SSH)
-  host_unreachable,    ///< the host could not be resolved or connected to (SSH)
-  become_password_wrong,     ///< sudo/su/doas refused the password given
-  become_password_required,  ///< sudo/su/doas asked for a password and none was given
-  become_not_allowed,        ///< sudo/su/doas refused the user outright (no sudoers/doas rule)
 };
 
 /// The "mitogen" error category.

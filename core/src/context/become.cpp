@@ -21,6 +21,7 @@
 #include <spdlog/spdlog.h>
 
 #include "bootstrap.hpp"
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "process.hpp"
 #include "via.hpp"
@@ -166,22 +167,22 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
   /// the sudoers file" and exited; the stream's EOF won) to our codes, from the final
   /// stderr text. Any thread (reads only the immutable config and an atomic).
   std::error_code classify(std::error_code ec, const std::string& stderr_text) const {
-    if (ec == errc::connect_timeout || ec.category() != mitogen_category()) return ec;
-    if (ec != errc::child_died && ec != errc::bootstrap_failed) return ec;
+    if (ec == connect_errc::connect_timeout || ec.category() != mitogen_category()) return ec;
+    if (ec != errc::child_died && ec != connect_errc::bootstrap_failed) return ec;
     auto low = lower_ascii(stderr_text);
-    if (find_any(low, cfg_.pats.not_allowed_prompts)) return make_error_code(errc::become_not_allowed);
-    if (find_any(low, cfg_.pats.password_required)) return make_error_code(errc::become_password_required);
-    if (sent_.load() && find_any(low, cfg_.pats.incorrect_prompts)) return make_error_code(errc::become_password_wrong);
+    if (find_any(low, cfg_.pats.not_allowed_prompts)) return make_error_code(connect_errc::become_not_allowed);
+    if (find_any(low, cfg_.pats.password_required)) return make_error_code(connect_errc::become_password_required);
+    if (sent_.load() && find_any(low, cfg_.pats.incorrect_prompts)) return make_error_code(connect_errc::become_password_wrong);
     return ec;
   }
 
   std::string describe(std::error_code ec) const {
-    if (ec == errc::become_not_allowed)
+    if (ec == connect_errc::become_not_allowed)
       return cfg_.method + " refused: this user may not become " + cfg_.target + " (no " +
              (cfg_.method == "doas" ? "doas.conf" : cfg_.method == "su" ? "su" : "sudoers") + " rule allows it)";
-    if (ec == errc::become_password_required)
+    if (ec == connect_errc::become_password_required)
       return cfg_.method + " password is required to become " + cfg_.target + ", and none was given";
-    if (ec == errc::become_password_wrong) return cfg_.method + " password is incorrect (becoming " + cfg_.target + ")";
+    if (ec == connect_errc::become_password_wrong) return cfg_.method + " password is incorrect (becoming " + cfg_.target + ")";
     return {};
   }
 
@@ -278,8 +279,7 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
     }
   }
 
-  void fail(errc code, const std::string& detail) {
-    auto ec = make_error_code(code);
+  void fail(std::error_code ec, const std::string& detail) {
     std::string why = describe(ec);
     if (!detail.empty()) why += ": " + scrubbed(detail);
     matching_ = false;
@@ -298,9 +298,9 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
       return;
     }
     auto low = lower_ascii(line);
-    if (find_any(low, cfg_.pats.not_allowed_prompts)) return fail(errc::become_not_allowed, line);
-    if (find_any(low, cfg_.pats.password_required)) return fail(errc::become_password_required, line);
-    if (sent_.load() && find_any(low, cfg_.pats.incorrect_prompts)) return fail(errc::become_password_wrong, line);
+    if (find_any(low, cfg_.pats.not_allowed_prompts)) return fail(connect_errc::become_not_allowed, line);
+    if (find_any(low, cfg_.pats.password_required)) return fail(connect_errc::become_password_required, line);
+    if (sent_.load() && find_any(low, cfg_.pats.incorrect_prompts)) return fail(connect_errc::become_password_wrong, line);
   }
 
   /// The unfinished line: a password prompt waits for its answer there.
@@ -320,10 +320,10 @@ class become_watcher : public std::enable_shared_from_this<become_watcher> {
     else
       spdlog::debug("[{}] stderr: {}", cfg_.name, scrubbed(prompt));
     if (!cfg_.password) {
-      if (sent_.load()) return fail(errc::become_password_wrong, "asked again: " + prompt);
-      return fail(errc::become_password_required, "prompt: " + prompt);
+      if (sent_.load()) return fail(connect_errc::become_password_wrong, "asked again: " + prompt);
+      return fail(connect_errc::become_password_required, "prompt: " + prompt);
     }
-    if (sent_.load()) return fail(errc::become_password_wrong, "asked again: " + prompt);
+    if (sent_.load()) return fail(connect_errc::become_password_wrong, "asked again: " + prompt);
     answer(tty);
   }
 
@@ -371,7 +371,7 @@ context become(router& r, const become_options& o, const std::string& method, co
 
   detail::spawned_tty child;
   if (auto ec = detail::spawn_with_tty(argv, argv.front(), child))
-    throw stream_error(make_error_code(errc::spawn_failed),
+    throw stream_error(make_error_code(connect_errc::spawn_failed),
                        "mitogen: cannot start " + argv.front() + ": " + ec.message());
 
   auto defaults = become_defaults(method);
@@ -418,7 +418,7 @@ context become(router& r, const become_options& o, const std::string& method, co
 }
 
 [[noreturn]] void bad_sudo_arg(const std::string& arg, const std::string& why) {
-  throw stream_error(make_error_code(errc::spawn_failed),
+  throw stream_error(make_error_code(connect_errc::spawn_failed),
                      "mitogen: sudo: " + why + " '" + arg +
                          "' in sudo_args (supported: -E -H -i -u USER -r ROLE -t TYPE and their long forms; "
                          "-S and -n are ignored)");

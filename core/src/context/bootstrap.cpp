@@ -9,6 +9,7 @@
 #include <boost/asio/steady_timer.hpp>
 #include <spdlog/spdlog.h>
 
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "mitogen/wire/constants.hpp"
 #include "mitogen/wire/frame.hpp"
@@ -288,7 +289,7 @@ context run_bootstrap(router& r, boot_request req) {
   b->defer([timer, boot, timeout = o.connect_timeout] {
     timer->expires_after(timeout);
     timer->async_wait([boot](const boost::system::error_code& ec) {
-      if (!ec) boot->finish(false, make_error_code(errc::connect_timeout), "connect timeout");
+      if (!ec) boot->finish(false, make_error_code(connect_errc::connect_timeout), "connect timeout");
     });
   });
 
@@ -323,7 +324,7 @@ context run_bootstrap(router& r, boot_request req) {
   if (req.classify) ec = req.classify(ec, boot->stderr_text);
   if (std::string d; ec != boot->ec && req.describe && !(d = req.describe(ec)).empty()) {
     msg += d;
-  } else if (boot->ec == errc::connect_timeout) {
+  } else if (boot->ec == connect_errc::connect_timeout) {
     msg += "no bootstrap within " + std::to_string(o.connect_timeout.count()) + " ms";
     if (!boot->phase.empty()) msg += " (while " + boot->phase + ")";
   } else {

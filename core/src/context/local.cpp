@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include "bootstrap.hpp"
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "process.hpp"
 #include "via.hpp"
@@ -42,7 +43,7 @@ context local(router& r, const local_options& o) {
     auto custom = o.boot_with({id, r.context_id(), title, o.debug, o.log_level, o.max_message_size});
     argv = std::move(custom.argv);
     preamble = std::move(custom.preamble);
-    if (argv.empty()) throw stream_error(make_error_code(errc::spawn_failed), "mitogen: boot_with gave no argv");
+    if (argv.empty()) throw stream_error(make_error_code(connect_errc::spawn_failed), "mitogen: boot_with gave no argv");
   } else {
     argv = python_argv(o);
     argv.push_back("-c");
@@ -53,7 +54,7 @@ context local(router& r, const local_options& o) {
   // A custom first stage may need a real argv[0] (upstream's re-executes sys.executable).
   const std::string argv0 = o.boot_with ? argv.front() : "mitogen:" + title;
   if (auto ec = detail::spawn_piped(argv, argv0, child, o.environment ? &*o.environment : nullptr))
-    throw stream_error(make_error_code(errc::spawn_failed),
+    throw stream_error(make_error_code(connect_errc::spawn_failed),
                        "mitogen: cannot start " + argv.front() + ": " + ec.message());
   // The context's name (its logger, its route): remote_name if given, else
   // local.<child pid> as upstream, so that each child has its own.

@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "bootstrap.hpp"
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "process.hpp"
 #include "ssh_config.hpp"
@@ -75,14 +76,14 @@ bool contains(const std::string& hay, std::string_view needle) { return hay.find
 
 /// OpenSSH says what went wrong only on stderr; turn its words into our codes.
 std::error_code classify_openssh(std::error_code ec, const std::string& err) {
-  if (ec == errc::connect_timeout) return ec;
-  if (contains(err, "Permission denied")) return make_error_code(errc::auth_failed);
+  if (ec == connect_errc::connect_timeout) return ec;
+  if (contains(err, "Permission denied")) return make_error_code(connect_errc::auth_failed);
   if (contains(err, "HAS CHANGED") || contains(err, "Host key for") || contains(err, "host key has changed"))
-    return make_error_code(errc::host_key_mismatch);
-  if (contains(err, "Host key verification failed")) return make_error_code(errc::host_key_unknown);
+    return make_error_code(connect_errc::host_key_mismatch);
+  if (contains(err, "Host key verification failed")) return make_error_code(connect_errc::host_key_unknown);
   for (const char* s : {"Connection refused", "Connection timed out", "No route to host", "Could not resolve hostname",
                         "Network is unreachable", "Connection closed by", "Connection reset by"})
-    if (contains(err, s)) return make_error_code(errc::host_unreachable);
+    if (contains(err, s)) return make_error_code(connect_errc::host_unreachable);
   return ec;
 }
 
@@ -193,7 +194,7 @@ context ssh(router& r, const ssh_options& o) {
     auto argv = openssh_argv(o, command);
     detail::spawned child;
     if (auto ec = detail::spawn_piped(argv, o.ssh_path, child))
-      throw stream_error(make_error_code(errc::spawn_failed), "mitogen: cannot start " + o.ssh_path + ": " + ec.message());
+      throw stream_error(make_error_code(connect_errc::spawn_failed), "mitogen: cannot start " + o.ssh_path + ": " + ec.message());
     detail::start_stderr_reader(b->io(), child.stderr_r, req.boot, req.name);
     req.id = r.allocate_id();
     req.s = stream::create(b, child.stdout_r, child.stdin_w, {.name = req.name, .max_message_size = o.max_message_size});
@@ -230,7 +231,7 @@ context ssh(router& r, const ssh_options& o) {
   // The bridge: the stream frames over one end, the SSH channel pumps the other.
   int sp[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sp) != 0)
-    throw stream_error(make_error_code(errc::spawn_failed), "mitogen: socketpair failed");
+    throw stream_error(make_error_code(connect_errc::spawn_failed), "mitogen: socketpair failed");
   for (int fd : sp) {
     int sz = 1 << 20;
     ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sz, sizeof sz);

@@ -22,6 +22,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <spdlog/spdlog.h>
 
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 
 namespace mitogen::detail {
@@ -159,13 +160,13 @@ class ssh_session : public std::enable_shared_from_this<ssh_session> {
   awaitable<bool> wait_socket();
   template <class F>
   awaitable<int> retry(F f);
-  using failure = std::optional<std::pair<errc, std::string>>;
+  using failure = std::optional<std::pair<std::error_code, std::string>>;
   bool check_host_key();
   failure verify_host_key();
   failure append_known_host(LIBSSH2_KNOWNHOSTS* kh, const std::string& entry, const char* key, std::size_t len,
                             int typemask);
   awaitable<bool> authenticate();
-  void fail(errc e, std::string why);
+  void fail(std::error_code e, std::string why);
   std::string last_error() const;
   std::string where() const { return t_.user + "@" + t_.host + ":" + std::to_string(t_.port); }
   void free_libssh2();
@@ -221,9 +222,9 @@ std::string ssh_session::last_error() const {
   return msg && len > 0 ? std::string(msg, static_cast<std::size_t>(len)) : "unknown libssh2 error";
 }
 
-void ssh_session::fail(errc e, std::string why) {
+void ssh_session::fail(std::error_code e, std::string why) {
   if (closed_) return;
-  boot_->finish(false, make_error_code(e), why);
+  boot_->finish(false, e, why);
   close(why);
 }
 
@@ -258,20 +259,20 @@ awaitable<void> ssh_session::run(std::shared_ptr<ssh_session> self) {
     auto endpoints =
         co_await resolver.async_resolve(t_.host, std::to_string(t_.port), asio::redirect_error(use_awaitable, ec));
     if (closed_) co_return;
-    if (ec) co_return fail(errc::host_unreachable, "cannot resolve " + t_.host + ": " + ec.message());
+    if (ec) co_return fail(connect_errc::host_unreachable, "cannot resolve " + t_.host + ": " + ec.message());
 
     boot_->set_phase("connecting to " + t_.host + " port " + std::to_string(t_.port));
     co_await asio::async_connect(sock_, endpoints, asio::redirect_error(use_awaitable, ec));
     if (closed_) co_return;
     if (ec)
-      co_return fail(errc::host_unreachable,
+      co_return fail(connect_errc::host_unreachable,
                      "cannot connect to " + t_.host + " port " + std::to_string(t_.port) + ": " + ec.message());
     sock_.set_option(tcp::no_delay(true), ec);
     sock_.non_blocking(true, ec);
 
     init_libssh2_once();
     session_ = libssh2_session_init_ex(nullptr, nullptr, nullptr, this);
-    if (!session_) co_return fail(errc::bootstrap_failed, "libssh2_session_init failed");
+    if (!session_) co_return fail(connect_errc::bootstrap_failed, "libssh2_session_init failed");
     libssh2_session_set_blocking(session_, 0);
     set_hostkey_preference(session_);
     if (t_.compression) libssh2_session_flag(session_, LIBSSH2_FLAG_COMPRESS, 1);
@@ -280,7 +281,7 @@ awaitable<void> ssh_session::run(std::shared_ptr<ssh_session> self) {
     const int fd = sock_.native_handle();
     int rc = co_await retry([&] { return libssh2_session_handshake(session_, fd); });
     if (closed_) co_return;
-    if (rc) co_return fail(errc::host_unreachable, "SSH handshake with " + t_.host + " port " +
+    if (rc) co_return fail(connect_errc::host_unreachable, "SSH handshake with " + t_.host + " port " +
                                                        std::to_string(t_.port) + " failed: " + last_error());
     handshaken_ = true;
     if (!check_host_key()) co_return;
@@ -293,12 +294,12 @@ awaitable<void> ssh_session::run(std::shared_ptr<ssh_session> self) {
       channel_ = libssh2_channel_open_session(session_);
       if (channel_) break;
       if (libssh2_session_last_errno(session_) != LIBSSH2_ERROR_EAGAIN)
-        co_return fail(errc::bootstrap_failed, "cannot open an SSH session channel: " + last_error());
+        co_return fail(connect_errc::bootstrap_failed, "cannot open an SSH session channel: " + last_error());
       if (!co_await wait_socket()) co_return;
     }
     rc = co_await retry([&] { return libssh2_channel_exec(channel_, t_.command.c_str()); });
     if (closed_) co_return;
-    if (rc) co_return fail(errc::bootstrap_failed, "the server refused to run the command: " + last_error());
+    if (rc) co_return fail(connect_errc::bootstrap_failed, "the server refused to run the command: " + last_error());
 
     boot_->set_phase("starting the remote interpreter");
     last_rx_ = clk::now();
@@ -311,7 +312,7 @@ awaitable<void> ssh_session::run(std::shared_ptr<ssh_session> self) {
     }
     pump();
   } catch (const std::exception& e) {
-    fail(errc::bootstrap_failed, std::string("ssh: ") + e.what());
+    fail(connect_errc::bootstrap_failed, std::string("ssh: ") + e.what());
   }
 }
 
@@ -326,7 +327,7 @@ ssh_session::failure ssh_session::verify_host_key() {
   std::size_t len = 0;
   int type = 0;
   const char* key = libssh2_session_hostkey(session_, &len, &type);
-  if (!key) return failure{{errc::bootstrap_failed, "the server sent no host key: " + last_error()}};
+  if (!key) return failure{{connect_errc::bootstrap_failed, "the server sent no host key: " + last_error()}};
   if (t_.policy == host_key_policy::ignore) return {};
   const char* hash = libssh2_hostkey_hash(session_, LIBSSH2_HOSTKEY_HASH_SHA256);
   const std::string fp = hash ? "SHA256:" + base64({hash, 32}, false) : "(no SHA256 fingerprint)";
@@ -335,7 +336,7 @@ ssh_session::failure ssh_session::verify_host_key() {
   const std::string entry = t_.port == 22 ? t_.host : "[" + t_.host + "]:" + std::to_string(t_.port);
 
   std::unique_ptr<LIBSSH2_KNOWNHOSTS, knownhosts_deleter> kh(libssh2_knownhost_init(session_));
-  if (!kh) return failure{{errc::bootstrap_failed, "libssh2_knownhost_init failed"}};
+  if (!kh) return failure{{connect_errc::bootstrap_failed, "libssh2_knownhost_init failed"}};
   // Line by line: libssh2_knownhost_readfile() stops at the first line it cannot
   // parse (@cert-authority, key types it does not know), losing every later entry.
   {
@@ -353,7 +354,7 @@ ssh_session::failure ssh_session::verify_host_key() {
   switch (rc) {
     case LIBSSH2_KNOWNHOST_CHECK_MATCH: return {};
     case LIBSSH2_KNOWNHOST_CHECK_MISMATCH:
-      return failure{{errc::host_key_mismatch,
+      return failure{{connect_errc::host_key_mismatch,
                       "host key verification failed: the host key of " + entry + " differs from the one in " +
                           t_.known_hosts_file + " (the server offered " + desc +
                           "). Someone may be intercepting the connection, or the host key was changed; if that "
@@ -365,11 +366,11 @@ ssh_session::failure ssh_session::verify_host_key() {
         spdlog::info("mitogen: added {} ({}) to {}", entry, desc, t_.known_hosts_file);
         return {};
       }
-      return failure{{errc::host_key_unknown, "host key verification failed: " + entry + " is not in " +
+      return failure{{connect_errc::host_key_unknown, "host key verification failed: " + entry + " is not in " +
                                                   t_.known_hosts_file + " (the server offered " + desc +
                                                   "); add it, or connect with check_host_keys=accept"}};
     default:
-      return failure{{errc::bootstrap_failed, "cannot check the host key of " + entry + ": " + last_error()}};
+      return failure{{connect_errc::bootstrap_failed, "cannot check the host key of " + entry + ": " + last_error()}};
   }
 }
 
@@ -380,7 +381,7 @@ ssh_session::failure ssh_session::append_known_host(LIBSSH2_KNOWNHOSTS* kh, cons
   std::size_t out = 0;
   if (libssh2_knownhost_addc(kh, entry.c_str(), nullptr, key, len, nullptr, 0, typemask, &added) != 0 ||
       libssh2_knownhost_writeline(kh, added, line, sizeof line, &out, LIBSSH2_KNOWNHOST_FILE_OPENSSH) != 0)
-    return failure{{errc::bootstrap_failed, "cannot record the host key of " + entry + ": " + last_error()}};
+    return failure{{connect_errc::bootstrap_failed, "cannot record the host key of " + entry + ": " + last_error()}};
   // Append one line (O_APPEND: concurrent connections do not interleave) rather than
   // rewrite the file: libssh2 would drop what it could not parse.
   auto slash = t_.known_hosts_file.rfind('/');
@@ -389,7 +390,7 @@ ssh_session::failure ssh_session::append_known_host(LIBSSH2_KNOWNHOSTS* kh, cons
   if (fd < 0 || ::write(fd, line, out) != static_cast<ssize_t>(out)) {
     std::string err = std::strerror(errno);
     if (fd >= 0) ::close(fd);
-    return failure{{errc::bootstrap_failed, "cannot write " + t_.known_hosts_file + ": " + err}};
+    return failure{{connect_errc::bootstrap_failed, "cannot write " + t_.known_hosts_file + ": " + err}};
   }
   ::close(fd);
   return {};
@@ -425,7 +426,7 @@ awaitable<bool> ssh_session::authenticate() {
     }
     if (libssh2_userauth_authenticated(session_)) co_return true;  // "none" was enough
     if (libssh2_session_last_errno(session_) != LIBSSH2_ERROR_EAGAIN) {
-      fail(errc::auth_failed, "cannot list the authentication methods of " + where() + ": " + last_error());
+      fail(connect_errc::auth_failed, "cannot list the authentication methods of " + where() + ": " + last_error());
       co_return false;
     }
     if (!co_await wait_socket()) co_return false;
@@ -497,7 +498,7 @@ awaitable<bool> ssh_session::authenticate() {
   }
   std::string t;
   for (const auto& x : tried) t += (t.empty() ? "" : ", ") + x;
-  fail(errc::auth_failed, "authentication as " + where() + " failed (server accepts: " + methods +
+  fail(connect_errc::auth_failed, "authentication as " + where() + " failed (server accepts: " + methods +
                               "; tried: " + (t.empty() ? "nothing usable" : t) + ")");
   co_return false;
 }

@@ -1,6 +1,7 @@
 #include "via.hpp"
 
 #include "bootstrap.hpp"
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 
 namespace mitogen::detail {
@@ -12,14 +13,13 @@ const wire::value* find(const wire::dict& d, const char* key) {
   return nullptr;
 }
 
+/// The code of a failure the intermediary names (a child: only why connecting
+/// failed, or that the child died, is taken from it; anything else is a failed
+/// bootstrap).
 std::error_code code_named(const std::string& s) {
-  if (s == "spawn_failed") return make_error_code(errc::spawn_failed);
-  if (s == "connect_timeout") return make_error_code(errc::connect_timeout);
-  if (s == "child_died") return make_error_code(errc::child_died);
-  if (s == "become_password_wrong") return make_error_code(errc::become_password_wrong);
-  if (s == "become_password_required") return make_error_code(errc::become_password_required);
-  if (s == "become_not_allowed") return make_error_code(errc::become_not_allowed);
-  return make_error_code(errc::bootstrap_failed);
+  const std::error_code ec = error_from_name(s);
+  if (ec.category() == connect_category() || ec == errc::child_died) return ec;
+  return make_error_code(connect_errc::bootstrap_failed);
 }
 
 }  // namespace
@@ -55,11 +55,11 @@ context connect_via(router& r, const connect_options& o, const std::string& meth
     // spawning and the round trip.
     reply = via.call(std::move(spec), o.connect_timeout + std::chrono::seconds(10));
   } catch (const call_error& e) {
-    throw stream_error(make_error_code(errc::bootstrap_failed), what + e.what());
+    throw stream_error(make_error_code(connect_errc::bootstrap_failed), what + e.what());
   } catch (const channel_error& e) {
     throw stream_error(make_error_code(errc::child_died), what + e.what());
   } catch (const timeout_error& e) {
-    throw stream_error(make_error_code(errc::connect_timeout), what + "no answer within the connect timeout");
+    throw stream_error(make_error_code(connect_errc::connect_timeout), what + "no answer within the connect timeout");
   }
   if (!reply.is<wire::dict>()) throw stream_error(make_error_code(errc::protocol_error), what + "bad _proxy_connect reply");
   const auto& d = reply.as<wire::dict>();

@@ -12,6 +12,7 @@
 #include <system_error>
 #include <vector>
 
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "mitogen/mux/protocol.hpp"
 #include "mitogen/wire/constants.hpp"
@@ -30,7 +31,7 @@ void read_exactly(int fd, char* out, std::size_t n, clock::time_point deadline, 
   while (got < n) {
     auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - clock::now()).count();
     if (left <= 0)
-      throw stream_error(make_error_code(errc::connect_timeout), "mitogen-mux: no greeting from the daemon at " + path);
+      throw stream_error(make_error_code(connect_errc::connect_timeout), "mitogen-mux: no greeting from the daemon at " + path);
     pollfd p{fd, POLLIN, 0};
     int rc = ::poll(&p, 1, static_cast<int>(left));
     if (rc < 0 && errno == EINTR) continue;

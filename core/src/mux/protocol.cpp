@@ -4,30 +4,12 @@
 #include <utility>
 
 #include "mitogen/context/connection_stack.hpp"
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "mitogen/wire/pickle.hpp"
 
 namespace mitogen::mux {
 namespace {
-
-/// errc <-> the names replies carry. Every errc a connection method can throw.
-constexpr std::array<std::pair<errc, const char*>, 15> kinds{{
-    {errc::child_died, "child_died"},
-    {errc::connect_timeout, "connect_timeout"},
-    {errc::spawn_failed, "spawn_failed"},
-    {errc::bootstrap_failed, "bootstrap_failed"},
-    {errc::protocol_error, "protocol_error"},
-    {errc::broker_shut_down, "broker_shut_down"},
-    {errc::no_route, "no_route"},
-    {errc::timed_out, "timed_out"},
-    {errc::auth_failed, "auth_failed"},
-    {errc::host_key_mismatch, "host_key_mismatch"},
-    {errc::host_key_unknown, "host_key_unknown"},
-    {errc::host_unreachable, "host_unreachable"},
-    {errc::become_password_wrong, "become_password_wrong"},
-    {errc::become_password_required, "become_password_required"},
-    {errc::become_not_allowed, "become_not_allowed"},
-}};
 
 const wire::value* find(const wire::dict& d, const char* key) {
   for (auto& [k, v] : d.items)
@@ -60,17 +42,11 @@ std::optional<hello> decode_hello(const std::string& data) {
 }
 
 std::string error_kind(std::error_code ec) {
-  if (ec.category() == mitogen_category())
-    for (auto& [e, name] : kinds)
-      if (ec == e) return name;
-  return "error";
+  const char* name = error_name(ec);
+  return name ? name : "error";
 }
 
-std::error_code errc_of_kind(const std::string& kind) {
-  for (auto& [e, name] : kinds)
-    if (kind == name) return make_error_code(e);
-  return {};
-}
+std::error_code errc_of_kind(const std::string& kind) { return error_from_name(kind); }
 
 std::string encode_error(const std::string& kind, const std::string& message) {
   wire::dict d;

@@ -1,3 +1,4 @@
+#include "mitogen/context/errors.hpp"
 #include "mitogen/context/local.hpp"  // first: the header compiles on its own
 
 #include <signal.h>
@@ -222,7 +223,7 @@ TEST_CASE("a missing interpreter fails at once with spawn_failed", "[local][faul
     local(*t.r, {{.python_path = {"/nonexistent/python"}}});
     FAIL("no exception");
   } catch (const stream_error& e) {
-    CHECK(e.code() == errc::spawn_failed);
+    CHECK(e.code() == connect_errc::spawn_failed);
   }
 }
 
@@ -235,7 +236,7 @@ TEST_CASE("an interpreter that never bootstraps hits connect_timeout, and is kil
                   .connect_timeout = 3s}});
     FAIL("no exception");
   } catch (const stream_error& e) {
-    CHECK(e.code() == errc::connect_timeout);
+    CHECK(e.code() == connect_errc::connect_timeout);
     CHECK(std::string(e.what()).find("not python") != std::string::npos);
   }
   CHECK(clk::now() - t0 < 25s);  // the connect timeout, not the 30 s sleep

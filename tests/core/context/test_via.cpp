@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 #include <thread>
 
+#include "mitogen/context/errors.hpp"
 #include "mitogen/mitogen.hpp"
 #include "router_rig.hpp"
 
@@ -67,7 +68,7 @@ TEST_CASE("a failed start through a context is a stream_error with the reason", 
     local(*t.r, o);
     FAIL("local() did not throw");
   } catch (const stream_error& e) {
-    CHECK(e.code() == errc::spawn_failed);
+    CHECK(e.code() == connect_errc::spawn_failed);
     CHECK(std::string(e.what()).find("/nonexistent/python3") != std::string::npos);
   }
   // The intermediary is fine.

@@ -16,6 +16,7 @@
 
 #include "fake_child.hpp"
 #include "mitogen/context/connection_stack.hpp"
+#include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
 #include "mitogen/mux/protocol.hpp"
 #include "mitogen/wire/constants.hpp"
@@ -234,7 +235,7 @@ TEST_CASE("mux: a failed connection keeps its kind; a bad stack is a bad request
     c->connect(stack);
     FAIL("connected with a missing interpreter");
   } catch (const stream_error& e) {
-    CHECK(e.code() == errc::spawn_failed);
+    CHECK(e.code() == connect_errc::spawn_failed);
     CHECK(std::string(e.what()).find("/nonexistent/python") != std::string::npos);
   }
   CHECK(t.d->contexts() == 0);  // a failure is not cached: the next connect tries again

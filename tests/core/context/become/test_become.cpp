@@ -1,3 +1,4 @@
+#include "mitogen/context/errors.hpp"
 #include "mitogen/context/become.hpp"  // first: the header compiles on its own
 
 #include <signal.h>
@@ -145,7 +146,7 @@ TEST_CASE("sudo: a wrong password fails with become_password_wrong, promptly", "
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { sudo(*t.r, o); });
   auto took = clk::now() - t0;
-  CHECK(e.code() == errc::become_password_wrong);
+  CHECK(e.code() == connect_errc::become_password_wrong);
   CHECK(std::string(e.what()).find("sudo password is incorrect") != std::string::npos);
   CHECK(std::string(e.what()).find("not-the-password-1234") == std::string::npos);
   CHECK(logs.all().find("not-the-password-1234") == std::string::npos);
@@ -158,7 +159,7 @@ TEST_CASE("sudo: a prompt without a password fails with become_password_required
   auto o = sudo_as_test(*f);
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { sudo(*t.r, o); });
-  CHECK(e.code() == errc::become_password_required);
+  CHECK(e.code() == connect_errc::become_password_required);
   CHECK(std::string(e.what()).find("password is required") != std::string::npos);
   CHECK(clk::now() - t0 < 20s);
 }
@@ -172,7 +173,7 @@ TEST_CASE("sudo: a user without a sudoers rule fails with become_not_allowed", "
   o.connect_timeout = 30s;
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { sudo(*t.r, o); });
-  CHECK(e.code() == errc::become_not_allowed);
+  CHECK(e.code() == connect_errc::become_not_allowed);
   CHECK(std::string(e.what()).find("may not become root") != std::string::npos);
   CHECK(std::string(e.what()).find(f->at("nosudo_password")) == std::string::npos);
   CHECK(clk::now() - t0 < 20s);
@@ -188,7 +189,7 @@ TEST_CASE("sudo: a sudo that never prompts nor starts fails with connect_timeout
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { sudo(*t.r, o); });
   auto took = clk::now() - t0;
-  CHECK(e.code() == errc::connect_timeout);
+  CHECK(e.code() == connect_errc::connect_timeout);
   CHECK(std::string(e.what()).find("no recognised password prompt") != std::string::npos);
   CHECK(took >= 1900ms);
   CHECK(took < 10s);
@@ -209,7 +210,7 @@ TEST_CASE("sudo: prompts in other languages; custom prompt patterns", "[become]"
     o.sudo_path = f->at("sudo_custom");
     o.connect_timeout = 2s;
     auto e = expect_stream_error([&] { sudo(*t.r, o); });
-    CHECK(e.code() == errc::connect_timeout);
+    CHECK(e.code() == connect_errc::connect_timeout);
     CHECK(std::string(e.what()).find("Geheimwort eingeben") != std::string::npos);  // the terminal's text
   }
   SECTION("...unless password_prompts names it") {
@@ -239,13 +240,13 @@ TEST_CASE("su: answers the prompt su writes to stderr, on stdin", "[become]") {
   SECTION("wrong password") {
     o.password = "not-the-password-1234";
     auto e = expect_stream_error([&] { su(*t.r, o); });
-    CHECK(e.code() == errc::become_password_wrong);
+    CHECK(e.code() == connect_errc::become_password_wrong);
     CHECK(std::string(e.what()).find("su password is incorrect") != std::string::npos);
     CHECK(std::string(e.what()).find("not-the-password-1234") == std::string::npos);
   }
   SECTION("no password") {
     auto e = expect_stream_error([&] { su(*t.r, o); });
-    CHECK(e.code() == errc::become_password_required);
+    CHECK(e.code() == connect_errc::become_password_required);
   }
 }
 
@@ -282,18 +283,18 @@ TEST_CASE("doas: prompt on the terminal, wrong password, no rule", "[become]") {
   SECTION("wrong password") {
     o.password = "not-the-password-1234";
     auto e = expect_stream_error([&] { doas(*t.r, o); });
-    CHECK(e.code() == errc::become_password_wrong);
+    CHECK(e.code() == connect_errc::become_password_wrong);
     CHECK(std::string(e.what()).find("doas password is incorrect") != std::string::npos);
   }
   SECTION("no password") {
     auto e = expect_stream_error([&] { doas(*t.r, o); });
-    CHECK(e.code() == errc::become_password_required);
+    CHECK(e.code() == connect_errc::become_password_required);
   }
   SECTION("no doas.conf rule") {
     o.doas_path = f->at("doas_as_nosudo");
     o.password = f->at("nosudo_password");
     auto e = expect_stream_error([&] { doas(*t.r, o); });
-    CHECK(e.code() == errc::become_not_allowed);
+    CHECK(e.code() == connect_errc::become_not_allowed);
   }
 }
 

@@ -1,3 +1,4 @@
+#include "mitogen/context/errors.hpp"
 #include "mitogen/context/ssh.hpp"  // first: the header compiles on its own
 
 #include <netinet/in.h>
@@ -102,7 +103,7 @@ TEST_CASE("a wrong password is refused at once with auth_failed", "[ssh][fault]"
   o.password = "not-the-password";
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
-  CHECK(e.code() == errc::auth_failed);
+  CHECK(e.code() == connect_errc::auth_failed);
   CHECK(clk::now() - t0 < 15s);  // refused, not the 20 s connect timeout
   CHECK_THAT(e.what(), Catch::Contains("mitogen-test@127.0.0.1") && Catch::Contains("password"));
 }
@@ -113,7 +114,7 @@ TEST_CASE("no usable key and no password fails with auth_failed", "[ssh][fault]"
   auto o = srv->key_login();
   o.identity_files = {"/nonexistent/key"};
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
-  CHECK(e.code() == errc::auth_failed);
+  CHECK(e.code() == connect_errc::auth_failed);
 }
 
 TEST_CASE("a changed host key is refused, showing the offered key's SHA256 fingerprint", "[ssh][fault]") {
@@ -122,12 +123,12 @@ TEST_CASE("a changed host key is refused, showing the offered key's SHA256 finge
   auto o = srv->key_login();
   o.known_hosts_file = srv->at("wrong_known_hosts");
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
-  CHECK(e.code() == errc::host_key_mismatch);
+  CHECK(e.code() == connect_errc::host_key_mismatch);
   CHECK_THAT(e.what(), Catch::Contains(srv->at("host_fingerprint")));
   CHECK_THAT(e.what(), Catch::Contains("[127.0.0.1]:" + std::to_string(srv->port())));
   // 'accept' never overrides a mismatch.
   o.check_host_keys = host_key_policy::accept;
-  CHECK(expect_stream_error([&] { ssh(*t.r, o); }).code() == errc::host_key_mismatch);
+  CHECK(expect_stream_error([&] { ssh(*t.r, o); }).code() == connect_errc::host_key_mismatch);
   // 'ignore' skips the check.
   o.check_host_keys = host_key_policy::ignore;
   CHECK(remote_user(ssh(*t.r, o)) == "mitogen-test");
@@ -139,7 +140,7 @@ TEST_CASE("an unknown host is refused under enforce, and recorded under accept",
   auto o = srv->key_login();
   o.known_hosts_file = temp_path("kh");
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
-  CHECK(e.code() == errc::host_key_unknown);
+  CHECK(e.code() == connect_errc::host_key_unknown);
   CHECK_THAT(e.what(), Catch::Contains(srv->at("host_fingerprint")));
   o.check_host_keys = host_key_policy::accept;
   CHECK(remote_user(ssh(*t.r, o)) == "mitogen-test");
@@ -189,7 +190,7 @@ TEST_CASE("a closed port fails at once with host_unreachable", "[ssh][fault]") {
   o.connect_timeout = 30s;
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
-  CHECK(e.code() == errc::host_unreachable);
+  CHECK(e.code() == connect_errc::host_unreachable);
   CHECK(clk::now() - t0 < 15s);  // at once: long before the connect timeout
   CHECK_THAT(e.what(), Catch::Contains("Connection refused"));
 }
@@ -212,7 +213,7 @@ TEST_CASE("a server that never speaks fails within connect_timeout, naming the p
   auto t0 = clk::now();
   auto e = expect_stream_error([&] { ssh(*t.r, o); });
   auto took = clk::now() - t0;
-  CHECK(e.code() == errc::connect_timeout);
+  CHECK(e.code() == connect_errc::connect_timeout);
   CHECK(took >= 650ms);
   CHECK(took < 15s);  // the timeout, not a hang
   CHECK_THAT(e.what(), Catch::Contains("SSH handshake"));
@@ -376,9 +377,9 @@ TEST_CASE("transport openssh: the system ssh binary carries the context", "[ssh]
   auto bad = srv->key_login();
   bad.transport = ssh_transport::openssh;
   bad.identity_files = {"/nonexistent/key"};
-  CHECK(expect_stream_error([&] { ssh(*t.r, bad); }).code() == errc::auth_failed);
+  CHECK(expect_stream_error([&] { ssh(*t.r, bad); }).code() == connect_errc::auth_failed);
   bad = srv->key_login();
   bad.transport = ssh_transport::openssh;
   bad.known_hosts_file = srv->at("wrong_known_hosts");
-  CHECK(expect_stream_error([&] { ssh(*t.r, bad); }).code() == errc::host_key_mismatch);
+  CHECK(expect_stream_error([&] { ssh(*t.r, bad); }).code() == connect_errc::host_key_mismatch);
 }
