@@ -15,7 +15,7 @@ import pytest
 
 import mitogen_native.core
 import file_helpers
-from conftest import ssh_kwargs
+from servers import ssh_kwargs
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists('/usr/sbin/sshd'),

@@ -6,28 +6,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 import mitogen_native.mux
 
 
-def pid_alive(pid):
-    """True if `pid` runs (a zombie does not count)."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def wait_for(pred, timeout=20.0, what='condition'):
-    """Poll `pred` until true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    assert pred(), 'timed out waiting for %s' % what
+_PLUGIN_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'plugin')
+if _PLUGIN_TESTS not in sys.path:
+    sys.path.insert(0, _PLUGIN_TESTS)
+from helpers import pid_alive, wait_for  # noqa: E402,F401  (tests/plugin/helpers.py)
 
 
 class MuxEnv(object):

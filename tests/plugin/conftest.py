@@ -44,23 +44,6 @@ def context(shared_router):
     return shared_router.local(remote_name='pytest-shared')
 
 
-def pid_alive(pid):
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open('/proc/%d/stat' % pid) as f:
-            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
-    except FileNotFoundError:
-        return False
-
-
-def run_script(code, timeout=30, **kwargs):
-    """Run `code` with /usr/bin/python3 (or whatever runs the tests) in a fresh
-    process; returns the CompletedProcess (text mode)."""
-    import subprocess
-    return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                          timeout=timeout, **kwargs)
-
-
 @pytest.fixture(scope='module')
 def sshd():
     """A loopback sshd for this test module (servers.py)."""

@@ -12,7 +12,7 @@ import mitogen_native.core
 from mitogen_native.core import CallError, ChannelError, StreamError, TimeoutError
 
 import remote_helpers
-from conftest import pid_alive
+from helpers import pid_alive
 
 
 def test_call_stdlib_functions(context):

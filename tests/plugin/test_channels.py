@@ -14,7 +14,7 @@ from mitogen_native.core import (ChannelError, Latch, LatchError, Message, Recei
 from mitogen_native.select import Select
 
 import channel_helpers as ch
-from conftest import run_script
+from helpers import run_script
 
 
 # Upper bounds below only tell "woke up / timed out" from "hung": generous, so a

@@ -7,7 +7,7 @@ import socket
 import mitogen_native.master
 import mitogen_native.utils
 
-from conftest import pid_alive, run_script
+from helpers import pid_alive, run_script
 import remote_helpers
 
 

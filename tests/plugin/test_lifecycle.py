@@ -14,7 +14,7 @@ import mitogen_native.utils
 from mitogen_native.core import ChannelError
 
 import remote_helpers
-from conftest import pid_alive, run_script
+from helpers import pid_alive, run_script
 
 
 def test_several_routers_on_one_broker(broker):

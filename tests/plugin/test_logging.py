@@ -42,7 +42,7 @@ def test_call_no_reply_failure_is_logged(router, caplog):
 
 
 def test_log_to_file_path(tmp_path):
-    from conftest import run_script
+    from helpers import run_script
     path = tmp_path / 'log.txt'
     proc = run_script('''if 1:
         import mitogen_native.utils, remote_helpers
@@ -90,7 +90,7 @@ def test_failed_start_gives_exit_status_and_stderr(router):
 
 
 def test_failed_start_stderr_is_not_printed_without_logging():
-    from conftest import run_script
+    from helpers import run_script
     proc = run_script('''if 1:
         import mitogen_native.master, mitogen_native.core
         with mitogen_native.master.Router() as router:
@@ -150,7 +150,7 @@ def test_log_lines_do_not_repeat_the_prefix(router, caplog):
 
 
 def test_enable_debug_log_holds_the_core_debug_messages(tmp_path):
-    from conftest import run_script
+    from helpers import run_script
     proc = run_script('''if 1:
         import os, mitogen_native.master, mitogen_native.core, remote_helpers
         with mitogen_native.master.Router() as router:

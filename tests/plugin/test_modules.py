@@ -18,7 +18,7 @@ import mitogen_native.core
 import mitogen_native.master
 
 import module_helpers
-from conftest import run_script as run_code
+from helpers import run_script as run_code
 from servers import CAN_RUN_SSHD, ssh_kwargs
 
 

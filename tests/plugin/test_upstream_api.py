@@ -16,7 +16,7 @@ import mitogen_native.utils
 
 import channel_helpers
 import remote_helpers
-from conftest import pid_alive
+from helpers import pid_alive
 
 
 def _gone(pid, within=15.0):

@@ -13,7 +13,7 @@ import mitogen_native.core
 import mitogen_native.master
 import remote_helpers
 import via_helpers
-from conftest import pid_alive
+from helpers import pid_alive
 
 from servers import CAN_RUN_SSHD, ssh_kwargs
 
