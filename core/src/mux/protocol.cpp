@@ -1,8 +1,5 @@
 #include "mitogen/mux/protocol.hpp"
 
-#include <array>
-#include <utility>
-
 #include "mitogen/context/connection_stack.hpp"
 #include "mitogen/context/errors.hpp"
 #include "mitogen/errors.hpp"
@@ -46,8 +43,6 @@ std::string error_kind(std::error_code ec) {
   return name ? name : "error";
 }
 
-std::error_code errc_of_kind(const std::string& kind) { return error_from_name(kind); }
-
 std::string encode_error(const std::string& kind, const std::string& message) {
   wire::dict d;
   d.items.emplace_back(wire::str{"error"}, wire::str{kind});
@@ -75,7 +70,7 @@ wire::value decode_reply(const wire::message& m) {
       const auto* msg = find(d, "message");
       std::string text = msg && msg->is<wire::str>() ? msg->as<wire::str>().utf8 : "error";
       const std::string& k = kind->as<wire::str>().utf8;
-      if (auto ec = errc_of_kind(k)) throw stream_error(ec, text);
+      if (auto ec = error_from_name(k)) throw stream_error(ec, text);
       if (k == "bad_request") throw stack_error(text);
       throw error(text);
     }

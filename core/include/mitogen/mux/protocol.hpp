@@ -26,12 +26,11 @@ std::string encode_hello(const hello& h);
 /// nullopt if `data` is not a MUX_HELLO payload.
 std::optional<hello> decode_hello(const std::string& data);
 
-/// Error kinds in replies: the name of the mitogen::errc (auth_failed,
-/// host_key_mismatch, ...), "bad_request" (a connection stack that cannot be used,
-/// or a malformed payload), "too_many_contexts", "shutting_down" or "error".
+/// Error kinds in replies: the code's error_name() (auth_failed,
+/// host_key_mismatch, ...; mitogen/context/errors.hpp, whose error_from_name()
+/// reads them back), "bad_request" (a connection stack that cannot be used, or a
+/// malformed payload), "too_many_contexts", "shutting_down" or "error".
 std::string error_kind(std::error_code ec);
-/// The errc named by `kind`, or an empty code for the other kinds.
-std::error_code errc_of_kind(const std::string& kind);
 
 /// A failure reply: `{'error': kind, 'message': text}`.
 std::string encode_error(const std::string& kind, const std::string& message);
