@@ -17,7 +17,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+
+# The tests' loopback sshd helpers (one copy of how to pick a port and make keys).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..',
+                                'tests', 'core', 'context', 'ssh'))
+from sshd_fixture import free_port as _free_port, keygen, run as _run  # noqa: E402
 
 USER = 'mitogen-demo'
 GECOS = 'mitogen-native demo (throw-away)'
@@ -25,22 +31,8 @@ SUDOERS = '/etc/sudoers.d/mitogen-demo'
 SSHD = '/usr/sbin/sshd'
 
 
-def _run(*argv, **kw):
-    return subprocess.run(argv, check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
-
-
-def _free_port():
-    s = socket.socket()
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def _keygen(path, comment):
-    _run('ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', path)
-    with open(path + '.pub') as f:
-        return ' '.join(f.read().split()[:2])
+    return ' '.join(keygen(path, comment))
 
 
 def _ensure_user():
