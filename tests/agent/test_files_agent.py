@@ -94,6 +94,24 @@ def test_parent_hang_up_removes_the_temporary_file(spawn, tmp_path):
     assert not os.path.exists(str(tmp_path / 'dst'))
 
 
+def test_parent_unable_to_read_removes_the_temporary_file(spawn, tmp_path):
+    """The parent stops reading (its end of our output closes) while it still
+    sends: the acknowledgement we owe it fails with EPIPE, and the agent must
+    clean up on that way out too, not only on end of input."""
+    m = spawn(use_pipes=True)
+    _, _, data = start_receive(m, str(tmp_path / 'dst'), 100, ack_bytes=4)
+    assert len(temps(tmp_path)) == 1
+    os.close(m._rfd)          # our output has nowhere to go; our input stays open
+    try:
+        m.send(data, b'abcdefgh')  # owes an acknowledgement, which fails
+        m.proc.wait(timeout=30)
+    finally:
+        os.close(m._wfd)
+        m._rfd = m._wfd = None
+    assert temps(tmp_path) == []
+    assert not os.path.exists(str(tmp_path / 'dst'))
+
+
 def test_send_streams_chunks_within_the_window(master, tmp_path):
     src = tmp_path / 'src'
     src.write_bytes(bytes(range(256)) * 100)      # 25600 bytes

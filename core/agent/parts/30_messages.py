@@ -60,6 +60,7 @@ def _send(dst_id, handle, data, reply_to=0):
     # While exiting, never wait long for a writer that may be stuck.
     if not _write_lock.acquire(True, 0.5 if _exiting else -1):
         os._exit(0)
+    parent_gone = False
     try:
         if len(data) < _READ_SIZE:
             buf = header + data
@@ -74,9 +75,12 @@ def _send(dst_id, handle, data, reply_to=0):
                 n = _HEADER_LEN
             _write_rest(fd, data, n - _HEADER_LEN)
     except OSError:
-        os._exit(0)   # parent gone (EPIPE, ECONNRESET, ...)
+        parent_gone = True   # EPIPE, ECONNRESET, ...
     finally:
         _write_lock.release()
+    if parent_gone:
+        # Leave as on end of input: unfinished received files are removed.
+        _exit(0, 'parent gone: a write failed')
     if _debug_fd is not None:
         _debug_log(DEBUG, 'sent handle=%d reply_to=%d to %d (%d bytes)'
                    % (handle, reply_to, dst_id, len(data)))

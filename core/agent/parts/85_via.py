@@ -47,12 +47,15 @@ def _forward_up(msg):
                          msg.handle, msg.reply_to, len(msg.data)) + msg.data
     if not _write_lock.acquire(True, 0.5 if _exiting else -1):
         os._exit(0)
+    parent_gone = False
     try:
         _write_rest(_out_fd, frame, 0)
     except OSError:
-        os._exit(0)   # parent gone
+        parent_gone = True
     finally:
         _write_lock.release()
+    if parent_gone:
+        _exit(0, 'parent gone: a write failed')   # as _send() does
 
 
 def _route_away(msg):
