@@ -53,12 +53,13 @@ struct rig : router_rig {
   std::shared_ptr<stream> s;
   std::uint32_t id = 0;
 
-  rig() {
+  /// `leader_reads`: callers waiting for this child's replies read them themselves.
+  explicit rig(bool leader_reads = false) {
     int sv[2];
     REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     child.fd = sv[1];
     id = r->allocate_id();
-    s = stream::create(b, sv[0], sv[0], {.name = "fake"});
+    s = stream::create(b, sv[0], sv[0], {.name = "fake", .leader_reads = leader_reads});
     r->add_route(id, "fake", s);
     s->start();
   }

@@ -394,7 +394,8 @@ context become(router& r, const become_options& o, const std::string& method, co
   req.id = id;
   req.name = name;
   req.remote_name = remote_name;
-  req.s = stream::create(b, child.stdout_r, child.stdin_w, {.name = name, .max_message_size = o.max_message_size});
+  req.s = stream::create(b, child.stdout_r, child.stdin_w,
+                         {.name = name, .max_message_size = o.max_message_size, .leader_reads = true});
   req.boot = boot;
   req.opts = &o;
   w->set_stream(req.s);

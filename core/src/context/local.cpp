@@ -67,7 +67,8 @@ context local(router& r, const local_options& o) {
   req.id = id;
   req.name = name;
   req.remote_name = title;
-  req.s = stream::create(b, child.stdout_r, child.stdin_w, {.name = name, .max_message_size = o.max_message_size});
+  req.s = stream::create(b, child.stdout_r, child.stdin_w,
+                         {.name = name, .max_message_size = o.max_message_size, .leader_reads = true});
   req.boot = boot;
   req.opts = &o;
   req.preamble = std::move(preamble);

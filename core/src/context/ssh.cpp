@@ -197,7 +197,8 @@ context ssh(router& r, const ssh_options& o) {
       throw stream_error(make_error_code(connect_errc::spawn_failed), "mitogen: cannot start " + o.ssh_path + ": " + ec.message());
     detail::start_stderr_reader(b->io(), child.stderr_r, req.boot, req.name);
     req.id = r.allocate_id();
-    req.s = stream::create(b, child.stdout_r, child.stdin_w, {.name = req.name, .max_message_size = o.max_message_size});
+    req.s = stream::create(b, child.stdout_r, child.stdin_w,
+                           {.name = req.name, .max_message_size = o.max_message_size, .leader_reads = true});
     req.teardown = [b, pid = child.pid](std::function<void()> done) {
       detail::reap_child(b, pid, std::chrono::milliseconds(1000), std::move(done));
     };
@@ -238,7 +239,8 @@ context ssh(router& r, const ssh_options& o) {
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &sz, sizeof sz);
   }
   req.id = r.allocate_id();
-  req.s = stream::create(b, sp[0], sp[0], {.name = req.name, .max_message_size = o.max_message_size});
+  req.s = stream::create(b, sp[0], sp[0],
+                         {.name = req.name, .max_message_size = o.max_message_size, .leader_reads = true});
   auto session = detail::start_ssh_session(b, std::move(t), sp[1], req.boot);
   req.teardown = [session](std::function<void()> done) {
     detail::close_ssh_session(session);

@@ -1,9 +1,12 @@
 #include "mitogen/io/stream.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <sys/epoll.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -18,6 +21,23 @@ namespace {
 void set_nonblocking(int fd) {
   int fl = ::fcntl(fd, F_GETFL);
   if (fl >= 0) ::fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+/// An epoll set holding `fd` with `events` (0: registered, reporting only errors
+/// and hang-ups). The broker watches the set; the descriptor can leave it and come
+/// back without the broker's knowledge (stream::lead()).
+int epoll_set_of(int fd, std::uint32_t events) {
+  int set = ::epoll_create1(EPOLL_CLOEXEC);
+  if (set < 0) throw std::system_error(errno, std::generic_category(), "mitogen: epoll_create1");
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  if (::epoll_ctl(set, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    int e = errno;
+    ::close(set);
+    throw std::system_error(e, std::generic_category(), "mitogen: epoll_ctl");
+  }
+  return set;
 }
 
 }  // namespace
@@ -36,19 +56,41 @@ stream::stream(std::shared_ptr<broker> b, int read_fd, int write_fd, stream_opti
       parser_(opts_.max_message_size) {
   set_nonblocking(read_fd);
   set_nonblocking(write_fd);
-  rd_.assign(read_fd);
-  if (write_fd != read_fd) {
-    wr_ = std::make_unique<boost::asio::posix::stream_descriptor>(broker_->io());
+  if (!opts_.leader_reads) {
+    rd_.assign(read_fd);
+    if (write_fd != read_fd) {
+      wr_ = std::make_unique<boost::asio::posix::stream_descriptor>(broker_->io());
+      wr_->assign(write_fd);
+    }
+    return;
+  }
+  // The broker watches epoll sets instead: read_fd_ can leave its set while a
+  // caller leads. A shared socket gets a second set for write waits, armed only
+  // while output is queued: Asio registers every descriptor for input, and the
+  // socket's own input must not wake the broker.
+  read_set_ = epoll_set_of(read_fd, EPOLLIN);
+  rd_.assign(read_set_);
+  wr_ = std::make_unique<boost::asio::posix::stream_descriptor>(broker_->io());
+  if (write_fd == read_fd) {
+    write_set_ = epoll_set_of(write_fd, 0);
+    wr_->assign(write_set_);
+  } else {
     wr_->assign(write_fd);
   }
 }
 
 stream::~stream() {
   // Descriptors close with their asio objects; nothing may be pending since every
-  // handler holds a reference.
+  // handler holds a reference. With leader_reads the sets are asio's and read_fd_
+  // (also write_fd_ if shared) is ours.
+  if (read_set_ >= 0 && read_fd_open_) ::close(read_fd_);
 }
 
 void stream::start(raw_fn raw) {
+  {
+    std::lock_guard lk(rmu_);
+    framed_ = !raw;
+  }
   raw_ = std::move(raw);
   broker_->defer([self = shared_from_this()] { self->do_read(); });
 }
@@ -165,12 +207,34 @@ bool stream::write_some_locked() {
 }
 
 void stream::arm_write() {
+  if (write_set_ >= 0) {
+    // The set reports writability as input (it is an epoll descriptor). Armed only
+    // while output is queued; nobody collects its events, so it is disarmed by hand
+    // once it fired, or every write-space wake-up of the socket would wake us.
+    set_write_interest(EPOLLOUT);
+    wr_->async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                    [self = shared_from_this()](const boost::system::error_code& ec) {
+                      if (ec) return;  // operation_aborted: closing
+                      self->set_write_interest(0);
+                      self->flush_on_broker();
+                    });
+    return;
+  }
   auto& d = wr_ ? *wr_ : rd_;
   d.async_wait(boost::asio::posix::stream_descriptor::wait_write,
                [self = shared_from_this()](const boost::system::error_code& ec) {
                  if (ec) return;  // operation_aborted: closing
                  self->flush_on_broker();
                });
+}
+
+void stream::set_write_interest(std::uint32_t events) {
+  std::lock_guard lk(wmu_);
+  if (closed_) return;  // the set is closed, its number maybe reused
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = write_fd_;
+  ::epoll_ctl(write_set_, EPOLL_CTL_MOD, write_fd_, &ev);
 }
 
 void stream::flush_on_broker() {
@@ -196,7 +260,7 @@ namespace {
 /// The read buffer of the calling thread (the broker's): streams read into it and
 /// parse at once, so an idle stream holds no buffer of its own (a daemon with
 /// thousands of idle contexts would otherwise pin 256 KiB each).
-char* read_scratch(std::size_t size) {
+char* read_scratch(std::size_t size) {  // the broker's, and each leader's
   thread_local std::unique_ptr<char[]> buf;
   thread_local std::size_t have = 0;
   if (have < size) {
@@ -223,20 +287,33 @@ void stream::do_read() {
 
 void stream::read_ready() {
   if (closed()) return;
+  if (read_set_ >= 0) {
+    std::lock_guard lk(rmu_);
+    if (leader_) {
+      // A caller leads: it reads, and read_fd_ is out of the set, so waiting again
+      // cannot spin. The caller puts it back when it steps down.
+      do_read();
+      return;
+    }
+    reading_ = true;
+  }
   char* buf = read_scratch(opts_.read_chunk);
   ssize_t n;
   do {
     n = ::read(read_fd_, buf, opts_.read_chunk);
   } while (n < 0 && errno == EINTR);
-  if (n > 0) {
-    handle_input(buf, static_cast<std::size_t>(n));
+  const int err = n < 0 ? errno : 0;
+  if (n > 0) handle_input(buf, static_cast<std::size_t>(n));
+  if (read_set_ >= 0) {
+    std::lock_guard lk(rmu_);
+    reading_ = false;
+  }
+  if (n > 0 || err == EAGAIN) {
     do_read();
   } else if (n == 0) {
     close_on_broker(make_error_code(errc::child_died), "end of file");
-  } else if (errno == EAGAIN) {
-    do_read();
   } else {
-    close_on_broker(make_error_code(errc::child_died), std::strerror(errno));
+    close_on_broker(make_error_code(errc::child_died), std::strerror(err));
   }
 }
 
@@ -252,6 +329,10 @@ void stream::handle_input(const char* data, std::size_t n) {
   raw_pending_.erase(0, used);
   if (!framed) return;
   raw_ = nullptr;
+  {
+    std::lock_guard lk(rmu_);
+    framed_ = true;
+  }
   // What followed the marker is already frames.
   std::string rest;
   rest.swap(raw_pending_);
@@ -270,6 +351,117 @@ void stream::parse_frames(std::span<const std::uint8_t> in) {
     if (on_message_) on_message_(std::move(m));
     if (closed()) return;
   }
+}
+
+// ------------------------------------------------------------ leader/follower
+
+stream::lead_status stream::lead(const take_fn& take, const std::function<bool()>& done,
+                                 std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd) {
+  if (read_set_ < 0 || broker_->on_broker_thread()) return lead_status::busy;
+  {
+    std::lock_guard lk(rmu_);
+    if (leader_ || reading_ || !framed_ || !read_fd_open_ || handed_over_.load() > 0 || closed())
+      return lead_status::busy;
+    leader_ = true;
+    leader_wake_fd_ = wake_fd;
+    // From now on the broker is not woken by this stream's input.
+    ::epoll_ctl(read_set_, EPOLL_CTL_DEL, read_fd_, nullptr);
+  }
+  // A smaller buffer than the broker's: every thread that ever waits keeps one.
+  const std::size_t chunk = std::min<std::size_t>(opts_.read_chunk, 64u * 1024u);
+  char* buf = read_scratch(chunk);
+  lead_status st = lead_status::busy;
+  bool handing_over = false, bad = false;
+  // A reply is rarely there yet: wait before the first read (one syscall less).
+  bool wait_first = true;
+  for (;;) {
+    if (done()) {
+      st = lead_status::done;
+      break;
+    }
+    ssize_t n = -1;
+    errno = EAGAIN;
+    if (!wait_first) n = ::read(read_fd_, buf, chunk);
+    wait_first = false;
+    if (n > 0) {
+      std::span<const std::uint8_t> in{reinterpret_cast<const std::uint8_t*>(buf), static_cast<std::size_t>(n)};
+      while (!in.empty()) {
+        wire::message m;
+        auto ps = parser_.parse(in, m);
+        if (ps == wire::frame_parser::status::bad) {
+          bad = true;
+          break;
+        }
+        if (ps == wire::frame_parser::status::need_more) break;
+        if (!handing_over && take(m)) continue;
+        handing_over = true;
+        hand_over(std::move(m));
+      }
+      if (bad || handing_over) break;  // wait for the broker as a follower
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0 || errno != EAGAIN) break;  // the broker will find out and close
+    int ms = -1;
+    if (deadline) {
+      auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) {
+        st = done() ? lead_status::done : lead_status::timed_out;
+        break;
+      }
+      ms = static_cast<int>(std::min<long long>(left.count(), 1 << 30));
+    }
+    pollfd fds[2] = {{read_fd_, POLLIN, 0}, {wake_fd, POLLIN, 0}};
+    if (::poll(fds, wake_fd >= 0 ? 2 : 1, ms) > 0 && wake_fd >= 0 && (fds[1].revents & POLLIN)) {
+      std::uint64_t count;
+      (void)!::read(wake_fd, &count, sizeof count);
+      std::lock_guard lk(rmu_);
+      if (close_read_fd_) break;  // closed under us: the broker releases the waiters
+    }
+  }
+  {
+    // Step down: the broker watches again (and, if input is waiting, reads it now).
+    std::lock_guard lk(rmu_);
+    leader_ = false;
+    leader_wake_fd_ = -1;
+    if (close_read_fd_) {
+      close_read_fd_ = false;
+      ::close(read_fd_);
+    } else if (read_fd_open_) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.fd = read_fd_;
+      ::epoll_ctl(read_set_, EPOLL_CTL_ADD, read_fd_, &ev);
+    }
+  }
+  if (bad) close(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
+  return st;
+}
+
+void stream::hand_over(wire::message&& m) {
+  handed_over_.fetch_add(1);
+  auto self = shared_from_this();
+  if (!broker_->defer([self, m = std::move(m)]() mutable {
+        if (!self->closed() && self->on_message_) self->on_message_(std::move(m));
+        self->handed_over_.fetch_sub(1);
+      }))
+    handed_over_.fetch_sub(1);  // the broker stopped: nobody is left to deliver to
+}
+
+void stream::close_read_fd_locked() {
+  if (!read_fd_open_) return;
+  read_fd_open_ = false;
+  if (leader_) {
+    // The leader may be in poll() on it: closing it now would let the number be
+    // reused under it. Wake it; it closes the descriptor as it steps down.
+    close_read_fd_ = true;
+    if (leader_wake_fd_ >= 0) {
+      std::uint64_t one = 1;
+      (void)!::write(leader_wake_fd_, &one, sizeof one);
+    }
+    return;
+  }
+  ::close(read_fd_);
 }
 
 void stream::close(std::error_code reason, std::string detail) {
@@ -306,6 +498,11 @@ void stream::close_on_broker(std::error_code reason, std::string detail) {
       wr_->cancel(ignored);
       wr_->close(ignored);
     }
+  }
+  if (read_set_ >= 0) {
+    std::lock_guard lk(rmu_);
+    reading_ = false;
+    close_read_fd_locked();
   }
   drained_.notify_all();
   if (auto fn = std::move(on_disconnect_)) {

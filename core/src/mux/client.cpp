@@ -105,7 +105,7 @@ std::shared_ptr<client> client::attach(const std::string& socket_path, std::chro
     c->daemon_pid_ = h->pid;
     c->owner_pid_ = ::getpid();
     c->broker_ = std::make_shared<broker>();
-    auto s = stream::create(c->broker_, fd, fd, {.name = "mitogen-mux"});
+    auto s = stream::create(c->broker_, fd, fd, {.name = "mitogen-mux", .leader_reads = true});
     c->router_ = router::create_client(c->broker_, c->id_, wire::master_id, s, "mitogen-mux");
     return c;
   } catch (...) {

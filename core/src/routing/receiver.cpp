@@ -1,9 +1,33 @@
 #include "mitogen/routing/receiver.hpp"
 
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include "mitogen/errors.hpp"
 #include "mitogen/routing/router.hpp"
 
 namespace mitogen {
+namespace {
+
+/// This thread's eventfd for waking it while it leads (stream::lead()); made on
+/// first use, closed when the thread ends.
+int thread_wake_fd() {
+  struct holder {
+    int fd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    ~holder() {
+      if (fd >= 0) ::close(fd);
+    }
+  };
+  thread_local holder h;
+  return h.fd;
+}
+
+void poke(int fd) {
+  std::uint64_t one = 1;
+  (void)!::write(fd, &one, sizeof one);
+}
+
+}  // namespace
 
 receiver::~receiver() {
   if (auto r = router_.lock()) r->del_handler(handle_);
@@ -15,6 +39,7 @@ void receiver::push(wire::message&& m) {
     std::lock_guard lk(mu_);
     q_.push_back(std::move(m));
     notify = notify_;
+    if (leader_wake_fd_ >= 0 && leader_thread_ != std::this_thread::get_id()) poke(leader_wake_fd_);
   }
   cv_.notify_all();
   if (notify) notify();
@@ -31,6 +56,7 @@ void receiver::close(const std::string& reason) {
     if (auto r = router_.lock()) m.src_id = m.dst_id = r->context_id();
     dead_ = std::move(m);
     notify = notify_;
+    if (leader_wake_fd_ >= 0 && leader_thread_ != std::this_thread::get_id()) poke(leader_wake_fd_);
   }
   cv_.notify_all();
   if (notify) notify();
@@ -48,19 +74,50 @@ std::size_t receiver::set_notify(std::function<void()> fn) {
 }
 
 wire::message receiver::get(std::optional<std::chrono::steady_clock::duration> timeout) {
-  if (timeout) {
-    auto m = get_for(*timeout);
-    if (!m) throw timeout_error("receive timed out");
-    return std::move(*m);
-  }
-  std::unique_lock lk(mu_);
-  cv_.wait(lk, [&] { return !q_.empty() || dead_.has_value(); });
-  return pop_locked();
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+  if (timeout) deadline = std::chrono::steady_clock::now() + *timeout;
+  auto m = wait_until(deadline);
+  if (!m) throw timeout_error("receive timed out");
+  return std::move(*m);
 }
 
 std::optional<wire::message> receiver::get_for(std::chrono::steady_clock::duration timeout) {
+  return wait_until(std::chrono::steady_clock::now() + timeout);
+}
+
+bool receiver::ready() {
+  std::lock_guard lk(mu_);
+  return !q_.empty() || dead_.has_value();
+}
+
+std::optional<wire::message> receiver::wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) {
+  auto pred = [&] { return !q_.empty() || dead_.has_value(); };
+  {
+    std::unique_lock lk(mu_);
+    if (pred()) return pop_locked();
+  }
+  int fd = thread_wake_fd();
+  if (auto r = fd >= 0 ? router_.lock() : nullptr) {
+    // Read the reply ourselves if we can: one wake-up (ours) instead of two.
+    {
+      std::lock_guard lk(mu_);
+      leader_wake_fd_ = fd;
+      leader_thread_ = std::this_thread::get_id();
+    }
+    auto st = r->lead_for(*this, deadline, fd);
+    {
+      std::lock_guard lk(mu_);
+      leader_wake_fd_ = -1;
+      leader_thread_ = {};
+    }
+    if (st == stream::lead_status::timed_out && !ready()) return std::nullopt;
+  }
   std::unique_lock lk(mu_);
-  if (!cv_.wait_for(lk, timeout, [&] { return !q_.empty() || dead_.has_value(); })) return std::nullopt;
+  if (!deadline) {
+    cv_.wait(lk, pred);
+  } else if (!cv_.wait_until(lk, *deadline, pred)) {
+    return std::nullopt;
+  }
   return pop_locked();
 }
 

@@ -36,6 +36,14 @@ std::shared_ptr<stream> route_table::stream_for(std::uint32_t id) const {
   return it == routes_.end() ? nullptr : it->second.s;
 }
 
+std::optional<route_table::via_stream> route_table::route_of(std::uint32_t id) const {
+  std::shared_lock lk(mu_);
+  auto it = routes_.find(id);
+  if (it == routes_.end()) return std::nullopt;
+  auto d = routes_.find(it->second.via);
+  return via_stream{it->second.s, it->second.via, d != routes_.end() && d->second.trusted};
+}
+
 std::uint32_t route_table::routed_via(std::uint32_t id) const {
   std::shared_lock lk(mu_);
   auto it = routes_.find(id);

@@ -44,6 +44,15 @@ class route_table {
   std::string name_of(std::uint32_t id) const;
   bool contains(std::uint32_t id) const;
   bool empty() const;
+  /// How replies from `id` arrive: the stream, the direct context it belongs to, and
+  /// whether that stream is trusted (a client). One lock, for a caller about to read
+  /// the stream itself (router::lead_for).
+  struct via_stream {
+    std::shared_ptr<stream> s;
+    std::uint32_t via = 0;
+    bool trusted = false;
+  };
+  std::optional<via_stream> route_of(std::uint32_t id) const;
   /// True if `id` is `from_id` or routed through its stream.
   bool speaks_for(std::uint32_t from_id, std::uint32_t id) const;
   /// Direct streams; with `trusted_only`, only the trusted ones (clients).

@@ -209,21 +209,75 @@ void router::deliver_local(wire::message&& m) {
       refuse(m.src_id, m, "refused by the policy of handle " + std::to_string(m.handle));
       return;
     }
-    if (e.persist && !m.is_dead()) {
-      fn = e.fn;
-    } else {
-      fn = std::move(e.fn);
-      if (e.respondent) {
-        auto rit = by_respondent_.find(*e.respondent);
-        if (rit != by_respondent_.end()) {
-          rit->second.erase(m.handle);
-          if (rit->second.empty()) by_respondent_.erase(rit);
-        }
-      }
-      handlers_.erase(it);
-    }
+    fn = e.persist && !m.is_dead() ? e.fn : take_handler_locked(it);
   }
   fn(std::move(m));
+}
+
+router::handler_fn router::take_handler_locked(std::unordered_map<std::uint32_t, handler_entry>::iterator it) {
+  auto fn = std::move(it->second.fn);
+  if (auto& resp = it->second.respondent) {
+    auto rit = by_respondent_.find(*resp);
+    if (rit != by_respondent_.end()) {
+      rit->second.erase(it->first);
+      if (rit->second.empty()) by_respondent_.erase(rit);
+    }
+  }
+  handlers_.erase(it);
+  return fn;
+}
+
+bool router::deliver_reply_here(wire::message& m) {
+  handler_fn fn;
+  {
+    std::lock_guard lk(handlers_mu_);
+    auto it = handlers_.find(m.handle);
+    if (it == handlers_.end()) return false;
+    auto& e = it->second;
+    // Anything the broker would complain about, or run a policy on, goes there.
+    if (e.persist || e.policy || !e.respondent || *e.respondent != m.src_id) return false;
+    fn = take_handler_locked(it);
+  }
+  fn(std::move(m));
+  return true;
+}
+
+stream::lead_status router::lead_for(receiver& rx, std::optional<std::chrono::steady_clock::time_point> deadline,
+                                     int wake_fd) {
+  using st = stream::lead_status;
+  const std::uint32_t handle = rx.handle();
+  std::uint32_t want = 0;
+  {
+    std::lock_guard lk(handlers_mu_);
+    auto it = handlers_.find(handle);
+    if (it == handlers_.end() || it->second.persist || it->second.policy || !it->second.respondent) return st::busy;
+    want = *it->second.respondent;
+  }
+  if (want == my_id_ || shut_down_.load()) return st::busy;
+  std::shared_ptr<stream> s;
+  std::uint32_t from = 0;
+  if (auto r = table_->route_of(want)) {
+    if (r->trusted) return st::busy;  // a client's frames get our authority: the broker's path
+    s = r->s;
+    from = r->via;
+  } else if (parent_ && table_->contains(parent_id_)) {
+    s = parent_;
+    from = parent_id_;
+  }
+  if (!s) return st::busy;
+  const bool via_parent = parent_ && from == parent_id_;
+  // The checks on_stream_message()/on_parent_message() make, for the one frame we
+  // take; every other frame goes to the broker, which makes them all.
+  auto take = [&](wire::message& m) {
+    if (m.dst_id != my_id_ || m.handle != handle || m.src_id != want) return false;
+    if (via_parent) {
+      if (m.auth_id == my_id_) return false;
+    } else if (!table_->speaks_for(from, m.src_id) || !table_->speaks_for(from, m.auth_id)) {
+      return false;
+    }
+    return deliver_reply_here(m);
+  };
+  return s->lead(take, [&] { return rx.ready(); }, deadline, wake_fd);
 }
 
 void router::on_parent_message(wire::message&& m) {

@@ -3,12 +3,15 @@
 /// a PTY). Reads run on the broker thread; sends may come from any thread.
 #include <utility>  // before Asio (Boost 1.74 + C++20)
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -33,6 +36,12 @@ struct stream_options {
   /// Bytes per read() call, into a buffer of the broker thread's (an idle stream
   /// holds none).
   std::size_t read_chunk = 256u * 1024u;
+  /// Let a thread waiting for a reply read this stream itself (lead()), so that the
+  /// reply wakes that thread alone, not the broker and then the thread. Costs a
+  /// descriptor (an epoll set the broker watches instead of read_fd; a second one
+  /// when read_fd == write_fd). Off for streams nobody waits on (the multiplexer's
+  /// clients).
+  bool leader_reads = false;
 };
 
 /// Owned by shared_ptr (handlers capture it). Closing is idempotent; after close,
@@ -79,6 +88,27 @@ class stream : public std::enable_shared_from_this<stream> {
   /// and on_disconnect runs, a little later on the broker thread.
   void close(std::error_code reason, std::string detail);
 
+  /// What lead() did.
+  enum class lead_status {
+    done,       ///< `done()` became true
+    busy,       ///< could not lead, or handed frames to the broker: wait as usual
+    timed_out,  ///< the deadline passed first
+  };
+  /// Offered every whole frame a leader reads, in order: true if it consumed the
+  /// frame; false to hand it to the broker like any other (and, to keep their order,
+  /// every later frame of this turn too).
+  using take_fn = std::function<bool(wire::message&)>;
+  /// Leader/follower reading (docs/architecture.md, "A caller reads its reply"): on
+  /// the calling thread, read frames until `done()` is true, offering each to `take`,
+  /// while the broker does not watch this stream. Returns busy at once when it
+  /// cannot lead (not leader_reads, on the broker thread, the broker or another
+  /// thread reading, not yet framed, closed, frames handed to the broker not yet
+  /// dispatched). A write to `wake_fd` (an eventfd; -1: none) makes it check `done()`
+  /// again. Never closes the stream itself: on EOF or an error it steps down and the
+  /// broker, watching again, finds out.
+  lead_status lead(const take_fn& take, const std::function<bool()>& done,
+                   std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd);
+
   /// True once close() was called (or the stream closed by itself).
   bool closed() const;
   const std::string& name() const noexcept { return opts_.name; }
@@ -90,6 +120,7 @@ class stream : public std::enable_shared_from_this<stream> {
   /// else queued for the broker.
   bool enqueue(std::string head, std::string body);
   void arm_write();         // broker thread
+  void set_write_interest(std::uint32_t events);  // broker thread; write_set_ only
   void flush_on_broker();   // broker thread
   bool write_some_locked(); // with wmu_ held; false on fatal error
   void do_read();                                  // broker thread
@@ -97,10 +128,17 @@ class stream : public std::enable_shared_from_this<stream> {
   void handle_input(const char* data, std::size_t n);  // broker thread
   void parse_frames(std::span<const std::uint8_t> in);  // broker thread
   void close_on_broker(std::error_code reason, std::string detail);
+  /// Hand a frame the leader read to the broker, to run on_message there in order.
+  void hand_over(wire::message&& m);
+  /// Close read_fd_ now, or when the leader steps down (rmu_ held).
+  void close_read_fd_locked();
 
   std::shared_ptr<broker> broker_;
   stream_options opts_;
   int read_fd_, write_fd_;
+  /// leader_reads: the epoll sets the broker watches (through rd_ / wr_) instead of
+  /// the descriptors, so that a leader can take read_fd_ out of the broker's sight.
+  int read_set_ = -1, write_set_ = -1;
   boost::asio::posix::stream_descriptor rd_;
   std::unique_ptr<boost::asio::posix::stream_descriptor> wr_;  // null when write_fd == read_fd
   std::string raw_pending_;  // raw-phase bytes not yet consumed
@@ -118,6 +156,16 @@ class stream : public std::enable_shared_from_this<stream> {
   bool closing_ = false;  // close() was called off the broker thread; writes refused
   bool closed_ = false;   // close_on_broker() ran: descriptors closed, on_disconnect called
   std::error_code write_error_;
+
+  // Reading (leader_reads). Lock order: rmu_ before wmu_.
+  std::mutex rmu_;
+  bool framed_ = false;         ///< past the raw phase: a leader may parse
+  bool reading_ = false;        ///< the broker is reading and dispatching
+  bool leader_ = false;         ///< a thread is leading (read_fd_ out of read_set_)
+  int leader_wake_fd_ = -1;     ///< the leader's wake descriptor
+  bool read_fd_open_ = true;    ///< read_fd_ still ours to close (leader_reads)
+  bool close_read_fd_ = false;  ///< closed while leading: the leader closes read_fd_
+  std::atomic<int> handed_over_{0};  ///< frames handed to the broker, not yet dispatched
 };
 
 }  // namespace mitogen

@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 
 #include "mitogen/wire/message.hpp"
 
@@ -40,7 +41,8 @@ class receiver {
   /// Non-blocking: the next message if one is queued.
   std::optional<wire::message> try_get();
 
-  /// Called on the broker thread by the router.
+  /// Called on the broker thread by the router (or on a thread reading the reply
+  /// itself, router::lead_for).
   void push(wire::message&& m);
 
   /// End the channel locally: drop what is queued and answer every get(), now and
@@ -61,6 +63,10 @@ class receiver {
   receiver(std::weak_ptr<router> r, std::uint32_t handle) : router_(std::move(r)), handle_(handle) {}
   /// The next message, or the dead one that ended the channel; mu_ held, one ready.
   wire::message pop_locked();
+  /// get()/get_for(): lead if the router lets this thread read the reply itself,
+  /// else wait on cv_. nullopt once `deadline` passes.
+  std::optional<wire::message> wait_until(std::optional<std::chrono::steady_clock::time_point> deadline);
+  bool ready();  ///< something (a message or the end) is queued
 
   std::weak_ptr<router> router_;
   std::uint32_t handle_;
@@ -69,6 +75,10 @@ class receiver {
   std::deque<wire::message> q_;
   std::optional<wire::message> dead_;
   std::function<void()> notify_;  ///< guarded by mu_; called without it
+  /// While a thread leads for this receiver: its eventfd, poked by push() from any
+  /// other thread (guarded by mu_, so the descriptor stays open while poked).
+  int leader_wake_fd_ = -1;
+  std::thread::id leader_thread_;
 };
 
 }  // namespace mitogen

@@ -158,6 +158,14 @@ class router : public std::enable_shared_from_this<router> {
   /// shutdown waits for `done` (used to reap child processes).
   void add_teardown(std::uint32_t id, std::function<void(std::function<void()> done)> fn);
 
+  /// Leader/follower (docs/architecture.md, "A caller reads its reply"): if `rx`
+  /// waits for one reply from one context over a stream that allows it, read that
+  /// stream on this thread until `rx` has something, delivering the reply here and
+  /// handing every other frame to the broker. Called by receiver; busy = wait as
+  /// usual.
+  stream::lead_status lead_for(receiver& rx, std::optional<std::chrono::steady_clock::time_point> deadline,
+                               int wake_fd);
+
   /// Route FORWARD_LOG records here (default: spdlog logger "mitogen.ctx").
   void set_log_sink(log_sink sink);
   /// Forwarded log records a child may send per second, and in one burst; the excess
@@ -199,6 +207,12 @@ class router : public std::enable_shared_from_this<router> {
   void on_parent_message(wire::message&& m);  // client mode: from the parent's stream
   void on_stream_gone(std::uint32_t id, std::error_code ec, const std::string& detail);
   void deliver_local(wire::message&& m);
+  /// The reply a leader read (lead_for): delivered here if its handler is a plain
+  /// one-shot handler reserved for its sender; false leaves it to the broker.
+  bool deliver_reply_here(wire::message& m);
+  /// Remove the one-shot handler `it` points at and return its function
+  /// (handlers_mu_ held).
+  handler_fn take_handler_locked(std::unordered_map<std::uint32_t, handler_entry>::iterator it);
   void forward(std::uint32_t from_id, bool trusted, wire::message&& m);
   // via= routing: ADD_ROUTE/DEL_ROUTE/ALLOCATE_ID from direct child `from_id`.
   void on_add_route(std::uint32_t from_id, const wire::message& m);

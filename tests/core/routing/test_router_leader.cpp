@@ -1,0 +1,200 @@
+// Leader/follower: a caller waiting for a reply reads the child's stream itself
+// (stream_options::leader_reads, router::lead_for), and hands every other frame to
+// the broker in order. docs/architecture.md, "A caller reads its reply".
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <future>
+#include <thread>
+
+#include "fake_child.hpp"
+#include "mitogen/errors.hpp"
+#include "mitogen/wire/frame.hpp"
+
+using namespace mitogen;
+using namespace std::chrono_literals;
+
+namespace {
+
+using mitogen::test::rig;
+
+/// Holds the broker thread inside a handler until released: whatever reaches a
+/// caller meanwhile was read by the caller itself.
+struct broker_block {
+  std::promise<void> entered, release;
+  std::shared_future<void> released = release.get_future().share();
+  explicit broker_block(broker& b) {
+    auto rel = released;
+    b.defer([this, rel] {
+      entered.set_value();
+      rel.wait();
+    });
+    entered.get_future().wait();
+  }
+  void open() { release.set_value(); }
+};
+
+std::shared_ptr<receiver> ask(rig& t) {
+  auto rx = t.r->make_receiver(t.id, false);
+  wire::message m;
+  m.dst_id = t.id;
+  m.handle = wire::CALL_FUNCTION;
+  m.reply_to = rx->handle();
+  t.r->route(m);
+  return rx;
+}
+
+}  // namespace
+
+TEST_CASE("a caller reads its own reply while the broker thread is busy", "[router][leader]") {
+  rig t(true);
+  auto rx = ask(t);
+  auto req = t.child.recv();
+  broker_block block(*t.b);
+  t.child.send(t.reply_to(req, "mine"));
+  auto m = rx->get(10s);  // the broker cannot deliver it: only the caller can
+  block.open();
+  CHECK_FALSE(m.is_dead());
+  CHECK(m.data == "mine");
+  // The broker watches the stream again once the caller is done.
+  auto rx2 = ask(t);
+  t.child.send(t.reply_to(t.child.recv(), "second"));
+  CHECK(rx2->get(10s).data == "second");
+}
+
+TEST_CASE("frames before the reply reach their handlers first, on the broker", "[router][leader]") {
+  rig t(true);
+  auto other = t.r->make_receiver(t.id, /*persist=*/true);
+  auto rx = ask(t);
+  auto req = t.child.recv();
+  std::thread::id delivered_on;
+  auto h = t.r->add_handler([&](wire::message&&) { delivered_on = std::this_thread::get_id(); }, {.persist = true});
+  {
+    broker_block block(*t.b);
+    // One write: a frame for another handler, then another, then the reply.
+    wire::message a;
+    a.dst_id = 0;
+    a.src_id = a.auth_id = t.id;
+    a.handle = other->handle();
+    a.data = "first";
+    wire::message b = a;
+    b.handle = h;
+    auto bytes = wire::encode_frame(a) + wire::encode_frame(b) + wire::encode_frame(t.reply_to(req, "reply"));
+    REQUIRE(::write(t.child.fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+    auto got = std::async(std::launch::async, [&] { return rx->get(10s); });
+    // While the broker is held, the reply cannot overtake the frames before it.
+    CHECK(got.wait_for(300ms) == std::future_status::timeout);
+    block.open();
+    auto m = got.get();
+    CHECK(m.data == "reply");
+    // By the time the caller has its reply, the frames before it were handled.
+    auto first = other->try_get();
+    REQUIRE(first);
+    CHECK(first->data == "first");
+    CHECK(delivered_on != std::thread::id());
+  }
+  t.r->del_handler(h);
+}
+
+TEST_CASE("a caller's timeout while it reads leaves the stream working", "[router][leader]") {
+  rig t(true);
+  auto rx = ask(t);
+  auto req = t.child.recv();
+  auto t0 = std::chrono::steady_clock::now();
+  CHECK_FALSE(rx->get_for(200ms));
+  CHECK(std::chrono::steady_clock::now() - t0 >= 200ms);
+  CHECK_THROWS_AS(rx->get(100ms), timeout_error);
+  // A frame nobody waits for is read by the broker again.
+  auto other = t.r->make_receiver(t.id, true);
+  wire::message a;
+  a.dst_id = 0;
+  a.src_id = a.auth_id = t.id;
+  a.handle = other->handle();
+  a.data = "for the broker";
+  t.child.send(a);
+  CHECK(other->get(10s).data == "for the broker");
+  t.child.send(t.reply_to(req, "late"));
+  CHECK(rx->get(10s).data == "late");
+}
+
+TEST_CASE("a child closing its end releases the caller reading it", "[router][leader]") {
+  rig t(true);
+  auto rx = ask(t);
+  t.child.recv();
+  auto got = std::async(std::launch::async, [&] { return rx->get(30s); });
+  CHECK(got.wait_for(100ms) == std::future_status::timeout);
+  auto t0 = std::chrono::steady_clock::now();
+  ::close(t.child.fd);
+  t.child.fd = -1;
+  auto m = got.get();
+  CHECK(m.is_dead());
+  CHECK(std::chrono::steady_clock::now() - t0 < 15s);  // released by the close, not a timeout
+}
+
+TEST_CASE("a bad frame read by a caller closes the stream and releases it", "[router][leader]") {
+  rig t(true);
+  auto rx = ask(t);
+  t.child.recv();
+  auto got = std::async(std::launch::async, [&] { return rx->get(30s); });
+  CHECK(got.wait_for(100ms) == std::future_status::timeout);
+  std::string junk(64, 'x');
+  REQUIRE(::write(t.child.fd, junk.data(), junk.size()) == 64);
+  auto m = got.get();
+  CHECK(m.is_dead());
+  CHECK(t.s->closed());
+}
+
+TEST_CASE("broker shutdown releases a caller reading its reply", "[router][leader]") {
+  rig t(true);
+  auto rx = ask(t);
+  t.child.recv();
+  auto got = std::async(std::launch::async, [&] { return rx->get(30s); });
+  CHECK(got.wait_for(100ms) == std::future_status::timeout);
+  t.b->shutdown();
+  CHECK(got.get().is_dead());
+}
+
+TEST_CASE("many threads calling at once each get their own reply", "[router][leader]") {
+  rig t(true);
+  constexpr int threads = 6, calls = 300;
+  // The child answers every request with its reply handle as the payload; replies
+  // for different callers arrive interleaved on the one stream.
+  std::thread child([&] {
+    for (int n = 0; n < threads * calls; ++n) {
+      auto req = t.child.recv();
+      t.child.send(t.reply_to(req, std::to_string(req.reply_to)));
+    }
+  });
+  std::atomic<int> wrong{0}, ok{0};
+  std::vector<std::thread> callers;
+  for (int i = 0; i < threads; ++i)
+    callers.emplace_back([&] {
+      for (int c = 0; c < calls; ++c) {
+        auto rx = ask(t);
+        auto m = rx->get(30s);
+        (m.data == std::to_string(rx->handle()) ? ok : wrong)++;
+      }
+    });
+  for (auto& th : callers) th.join();
+  child.join();
+  CHECK(wrong == 0);
+  CHECK(ok == threads * calls);
+}
+
+TEST_CASE("output queued on a shared-socket leader stream is flushed once the child reads", "[router][leader]") {
+  // The broker waits for writability through a second epoll set (the socket's own
+  // input must not wake it): a message far bigger than the socket buffer goes out
+  // in pieces as the child reads.
+  rig t(true);
+  wire::message big;
+  big.dst_id = t.id;
+  big.handle = 4242;
+  big.data.assign(8u << 20, 'z');
+  for (std::size_t i = 0; i < big.data.size(); i += 4096) big.data[i] = static_cast<char>('a' + i / 4096 % 26);
+  t.r->route(big);  // queued: the child is not reading yet
+  auto got = t.child.recv();
+  CHECK(got.handle == 4242);
+  CHECK(got.data == big.data);
+}
