@@ -29,7 +29,13 @@ wire::message context::make_call(call_spec spec) const {
     t.items.emplace_back(wire::none{});
   t.items.emplace_back(wire::str{std::move(spec.function)});
   t.items.emplace_back(std::move(spec.args));
-  t.items.emplace_back(std::move(spec.kwargs));
+  // An empty Kwargs costs the agent a global lookup and a REDUCE on every call
+  // (~0.5 us of Python); an empty dict means the same to every agent, ours and
+  // upstream's.
+  if (spec.kwargs.items.empty())
+    t.items.emplace_back(wire::dict{});
+  else
+    t.items.emplace_back(std::move(spec.kwargs));
   wire::message m;
   m.dst_id = id_;
   m.handle = wire::CALL_FUNCTION;

@@ -290,9 +290,10 @@ void stream::read_ready() {
   if (read_set_ >= 0) {
     std::lock_guard lk(rmu_);
     if (leader_) {
-      // A caller leads: it reads, and read_fd_ is out of the set, so waiting again
-      // cannot spin. The caller puts it back when it steps down.
-      do_read();
+      // A caller leads and reads; only an error or hang-up can have woken us. Waiting
+      // again now would spin on it until the caller steps down: the caller has us
+      // wait again then.
+      broker_woken_ = true;
       return;
     }
     reading_ = true;
@@ -364,8 +365,10 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
       return lead_status::busy;
     leader_ = true;
     leader_wake_fd_ = wake_fd;
-    // From now on the broker is not woken by this stream's input.
-    ::epoll_ctl(read_set_, EPOLL_CTL_DEL, read_fd_, nullptr);
+    // From now on the broker is not woken by this stream's input (only by an error
+    // or hang-up, which epoll always reports: read_ready() then leaves it to us).
+    // MOD, not DEL and ADD: no allocation per call.
+    watch_input_locked(0);
   }
   // A smaller buffer than the broker's: every thread that ever waits keeps one.
   const std::size_t chunk = std::min<std::size_t>(opts_.read_chunk, 64u * 1024u);
@@ -379,29 +382,29 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
       st = lead_status::done;
       break;
     }
-    ssize_t n = -1;
-    errno = EAGAIN;
-    if (!wait_first) n = ::read(read_fd_, buf, chunk);
-    wait_first = false;
-    if (n > 0) {
-      std::span<const std::uint8_t> in{reinterpret_cast<const std::uint8_t*>(buf), static_cast<std::size_t>(n)};
-      while (!in.empty()) {
-        wire::message m;
-        auto ps = parser_.parse(in, m);
-        if (ps == wire::frame_parser::status::bad) {
-          bad = true;
-          break;
+    if (!wait_first) {
+      ssize_t n = ::read(read_fd_, buf, chunk);
+      if (n > 0) {
+        std::span<const std::uint8_t> in{reinterpret_cast<const std::uint8_t*>(buf), static_cast<std::size_t>(n)};
+        while (!in.empty()) {
+          wire::message m;
+          auto ps = parser_.parse(in, m);
+          if (ps == wire::frame_parser::status::bad) {
+            bad = true;
+            break;
+          }
+          if (ps == wire::frame_parser::status::need_more) break;
+          if (!handing_over && take(m)) continue;
+          handing_over = true;
+          hand_over(std::move(m));
         }
-        if (ps == wire::frame_parser::status::need_more) break;
-        if (!handing_over && take(m)) continue;
-        handing_over = true;
-        hand_over(std::move(m));
+        if (bad || handing_over) break;  // wait for the broker as a follower
+        continue;
       }
-      if (bad || handing_over) break;  // wait for the broker as a follower
-      continue;
+      if (n < 0 && errno == EINTR) continue;
+      if (n == 0 || errno != EAGAIN) break;  // the broker will find out and close
     }
-    if (n < 0 && errno == EINTR) continue;
-    if (n == 0 || errno != EAGAIN) break;  // the broker will find out and close
+    wait_first = false;
     int ms = -1;
     if (deadline) {
       auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - std::chrono::steady_clock::now());
@@ -419,6 +422,7 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
       if (close_read_fd_) break;  // closed under us: the broker releases the waiters
     }
   }
+  bool rearm = false;
   {
     // Step down: the broker watches again (and, if input is waiting, reads it now).
     std::lock_guard lk(rmu_);
@@ -428,14 +432,22 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
       close_read_fd_ = false;
       ::close(read_fd_);
     } else if (read_fd_open_) {
-      epoll_event ev{};
-      ev.events = EPOLLIN;
-      ev.data.fd = read_fd_;
-      ::epoll_ctl(read_set_, EPOLL_CTL_ADD, read_fd_, &ev);
+      watch_input_locked(EPOLLIN);
     }
+    rearm = std::exchange(broker_woken_, false);
   }
+  // The broker was woken while we led (a hang-up) and did not wait again, so as not
+  // to spin on a descriptor only we read: it waits again now, and sees the hang-up.
+  if (rearm) broker_->defer([self = shared_from_this()] { self->do_read(); });
   if (bad) close(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
   return st;
+}
+
+void stream::watch_input_locked(std::uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = read_fd_;
+  ::epoll_ctl(read_set_, EPOLL_CTL_MOD, read_fd_, &ev);
 }
 
 void stream::hand_over(wire::message&& m) {

@@ -130,6 +130,8 @@ class stream : public std::enable_shared_from_this<stream> {
   void close_on_broker(std::error_code reason, std::string detail);
   /// Hand a frame the leader read to the broker, to run on_message there in order.
   void hand_over(wire::message&& m);
+  /// What read_set_ reports of read_fd_: EPOLLIN, or 0 while a caller leads (rmu_ held).
+  void watch_input_locked(std::uint32_t events);
   /// Close read_fd_ now, or when the leader steps down (rmu_ held).
   void close_read_fd_locked();
 
@@ -161,7 +163,8 @@ class stream : public std::enable_shared_from_this<stream> {
   std::mutex rmu_;
   bool framed_ = false;         ///< past the raw phase: a leader may parse
   bool reading_ = false;        ///< the broker is reading and dispatching
-  bool leader_ = false;         ///< a thread is leading (read_fd_ out of read_set_)
+  bool leader_ = false;         ///< a thread is leading (read_set_ not watching input)
+  bool broker_woken_ = false;   ///< read_ready() ran meanwhile and did not wait again
   int leader_wake_fd_ = -1;     ///< the leader's wake descriptor
   bool read_fd_open_ = true;    ///< read_fd_ still ours to close (leader_reads)
   bool close_read_fd_ = false;  ///< closed while leading: the leader closes read_fd_
