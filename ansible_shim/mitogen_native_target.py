@@ -248,6 +248,12 @@ def _undo_locale_coercion():
     return ctype
 
 
+#: What tempfile.gettempdir() depends on besides the file system.
+_TEMP_ENV_NAMES = ('TMPDIR', 'TEMP', 'TMP')
+#: Their values in this agent, whose tempfile module may have chosen (and
+#: cached) its temporary directory with them, which its forks inherit.
+_temp_env = tuple(os.environ.get(name) for name in _TEMP_ENV_NAMES)
+
 # Runs once per agent, at the first call into this module (before the plugin
 # starts a become context through this agent: see ready()).
 _coerced_ctype = _undo_locale_coercion()
@@ -657,6 +663,11 @@ def _child_main(exe, env, source, cwd, warm=None):
         os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
+    tempfile = sys.modules.get('tempfile')
+    if tempfile is not None and tuple(env.get(n) for n in _TEMP_ENV_NAMES) != _temp_env:
+        # The directory the agent chose is not the one this environment names:
+        # choose again, as a fresh interpreter would.
+        tempfile.tempdir = None
     _forget_agent()
     _std_streams()
     import atexit

@@ -462,6 +462,27 @@ def test_environment_read_at_import_is_honoured(fresh_agent, payloads):
     assert same['basic_file'] == base['basic_file']
 
 
+def test_temporary_directory_follows_the_programs_environment(fresh_agent, payloads,
+                                                               tmp_path):
+    """The agent (and so its forks and warm parents) may have chosen and
+    cached tempfile's directory; a program whose environment names another
+    one (TMPDIR) uses that, as a fresh interpreter does: plain programs, and
+    AnsiballZ payloads (the wrapper unpacks its zip there)."""
+    agent = fresh_agent
+    run_module(agent, payloads['ping'])      # the agent chose its directory
+    assert agent.call(eval, "__import__('tempfile').tempdir") is not None
+    env = 'TMPDIR=%s' % tmp_path
+    cmd = "/bin/sh -c '%s %s && sleep 0'" % (env, PY)
+    program = b'import tempfile\nprint(tempfile.gettempdir())\n'
+    forked = agent.call(target.exec_command, cmd, program, False, True)
+    fresh = agent.call(target.exec_command, cmd, program, False, False)
+    assert forked == fresh == (0, ('%s\n' % tmp_path).encode(), b'')
+    rc, out, err, result = run_module(agent, payloads['warm_probe'], env=env)
+    assert rc == 0, (out, err)
+    assert result['module_file'].startswith('%s/ansible_warm_probe_payload_' % tmp_path), result
+    assert result['basic_file'].startswith(warm_state(agent)[0][0]['zip'])   # still warm
+
+
 def _wait_for(predicate, what, timeout=30):
     deadline = time.time() + timeout
     while not predicate():
