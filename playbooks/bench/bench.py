@@ -263,6 +263,8 @@ def main():
         backend += ' (%s)' % ('the multiplexer daemon' if has_mux else 'in-process')
     print('%d tasks per playbook, %d measured runs each (median), backend=%s'
           % (ntasks, args.runs, backend))
+    print('agents on the targets import mitogen_native_target from %s'
+          % (world['target_pythonpath'] or 'where their interpreter finds it (no PYTHONPATH)'))
     print('uptime before: %s' % before)
     print('uptime after:  %s' % after)
     print(table(results, ntasks))
