@@ -189,6 +189,15 @@ class _Source(object):
         self.known = known
 
 
+def _well_formed(item):
+    """True if a cached entry is [[name parts...], [name parts...]] of strings."""
+    return (isinstance(item, list) and len(item) == 2 and
+            all(isinstance(names, list) and
+                all(isinstance(m, list) and m and all(isinstance(x, str) for x in m)
+                    for m in names)
+                for names in item))
+
+
 def cache_module_deps(directory=None):
     """Make Ansible's module building (``recursive_finder``, in this process:
     a worker) keep what ``ModuleDepFinder`` found in each file, in files under
@@ -273,7 +282,7 @@ def cache_module_deps(directory=None):
             return real_init(self, module_fqn, tree, is_pkg_init, *args, **kwargs)
         key = '%s|%d' % (module_fqn, bool(is_pkg_init))
         item = tree.known.get(key)
-        if isinstance(item, list) and len(item) == 2:
+        if _well_formed(item):
             self.module_fqn = module_fqn
             self.is_pkg_init = is_pkg_init
             self.submodules = set(tuple(m) for m in item[0])

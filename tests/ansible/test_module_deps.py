@@ -115,3 +115,19 @@ def test_off_switch(tmp_path):
                         'print(compat.cache_module_deps(sys.argv[1]))', str(tmp_path)],
                        env=env, capture_output=True, text=True)
     assert p.stdout.strip() == 'False', p.stderr
+
+
+def test_a_damaged_entry_is_found_again(tmp_path):
+    """A cache file that does not hold what we wrote (truncated, edited) is
+    not trusted: the file is parsed again and the payload is the same."""
+    spec = 'ping'
+    plain = build(None, spec)['payloads'][spec]
+    cache = tmp_path / 'cache'
+    build(cache, spec)
+    for name in os.listdir(str(cache)):
+        with open(str(cache / name), 'w') as f:
+            f.write(json.dumps({'ansible.module_utils.basic|0': [['x'], 'y'],
+                                'ansible.modules.ping|0': [[['not', 1]], []]}))
+    again = build(cache, spec)
+    assert again['payloads'][spec] == plain
+    assert again['parsed'] > 0
