@@ -11,6 +11,12 @@ kept together so that a new Ansible version means reading one file.
 * warnings: ``display.warning`` deduplicates per process only and every task
   is a new worker, so a warning meant once per run needs a marker that outlives
   a worker (:func:`warn_once`).
+* module building: ``module_common.recursive_finder`` parses (``compile`` to
+  an AST) and walks (``ModuleDepFinder``) the module and every module_utils
+  file it pulls in, for each module, in each run (its ``ansiballz_cache``
+  lives in the run's local temporary directory); the imports found depend only
+  on a file's bytes, its dotted name and whether it is a package's
+  ``__init__``, so :func:`cache_module_deps` keeps them on disk by those.
 """
 import hashlib
 import os
@@ -159,3 +165,136 @@ def _forget_old_runs(d):
                 pass
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------------------
+# Module building: the imports ModuleDepFinder finds, kept by file content.
+
+#: MITOGEN_NATIVE_MODULE_DEPS=0 in the controller's environment: Ansible
+#: parses every module_utils file for each module build, as without us.
+DEPS_ENV = 'MITOGEN_NATIVE_MODULE_DEPS'
+_DEPS_VERSION = b'1'
+
+
+class _Source(object):
+    """What our ``compile`` gives recursive_finder instead of an AST: the
+    source, its digest, the AST if it had to be parsed, and the imports
+    known for it ({(dotted name, is package init): (submodules, optional)})."""
+    __slots__ = ('source', 'digest', 'tree', 'known')
+
+    def __init__(self, source, digest, tree, known):
+        self.source = source
+        self.digest = digest
+        self.tree = tree
+        self.known = known
+
+
+def _well_formed(item):
+    """True if a cached entry is [[name parts...], [name parts...]] of strings."""
+    return (isinstance(item, list) and len(item) == 2 and
+            all(isinstance(names, list) and
+                all(isinstance(m, list) and m and all(isinstance(x, str) for x in m)
+                    for m in names)
+                for names in item))
+
+
+def cache_module_deps(directory=None):
+    """Make Ansible's module building (``recursive_finder``, in this process:
+    a worker) keep what ``ModuleDepFinder`` found in each file, in files under
+    `directory` (default: ``module-deps`` in this user's private directory),
+    keyed by the file's SHA-256, its dotted name, whether it is a package's
+    ``__init__``, and the versions of Ansible (and of module_common.py's file)
+    and Python. The same files are then found in the same order, read and
+    zipped as before; only the parse and the walk of a file seen before are
+    skipped. A syntax error is still raised by the real compile. Returns True
+    if the cache is in place."""
+    if os.environ.get(DEPS_ENV, '1').strip() == '0':
+        return False
+    from ansible.executor import module_common as mc
+    if getattr(mc, '_mitogen_native_deps', None) is not None:
+        return True
+    if directory is None:
+        try:
+            base = _marker_dir()
+        except OSError:
+            return False
+        if base is None:
+            return False
+        directory = os.path.join(base, 'module-deps')
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return False
+    import ast
+    import builtins
+    import json
+    import sys
+    from ansible.release import __version__
+    real_compile = builtins.compile
+    st = os.stat(mc.__file__)
+    salt = b'\0'.join([_DEPS_VERSION, __version__.encode(), sys.version.encode(),
+                       b'%d:%d' % (st.st_mtime_ns, st.st_size)])
+
+    def path_of(digest):
+        return os.path.join(directory, hashlib.sha256(salt + digest).hexdigest())
+
+    def load(digest):
+        try:
+            with open(path_of(digest)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def store(entry):
+        path = path_of(entry.digest)
+        tmp = '%s.%d.tmp' % (path, os.getpid())
+        try:
+            with open(tmp, 'w') as f:
+                json.dump(entry.known, f)
+            os.rename(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def compile_(source, filename, mode, flags=0, *args, **kwargs):
+        if not (filename == '<unknown>' and mode == 'exec' and flags == ast.PyCF_ONLY_AST
+                and not args and not kwargs and isinstance(source, (bytes, str))):
+            return real_compile(source, filename, mode, flags, *args, **kwargs)
+        # (text: a package __init__ that the collection loader made up)
+        digest = hashlib.sha256(b'b' + source if isinstance(source, bytes) else
+                                b's' + source.encode('utf-8', 'surrogatepass')).digest()
+        known = load(digest)
+        if not isinstance(known, dict):
+            # Never seen (or unreadable): parse now, so that a syntax error
+            # comes from here as recursive_finder expects.
+            return _Source(source, digest, real_compile(source, filename, mode, flags), {})
+        return _Source(source, digest, None, known)
+
+    real_init = mc.ModuleDepFinder.__init__
+
+    def finder_init(self, module_fqn, tree, is_pkg_init=False, *args, **kwargs):
+        # (the class stays: its __init__ calls super(ModuleDepFinder, self))
+        if not isinstance(tree, _Source) or args or kwargs:
+            return real_init(self, module_fqn, tree, is_pkg_init, *args, **kwargs)
+        key = '%s|%d' % (module_fqn, bool(is_pkg_init))
+        item = tree.known.get(key)
+        if _well_formed(item):
+            self.module_fqn = module_fqn
+            self.is_pkg_init = is_pkg_init
+            self.submodules = set(tuple(m) for m in item[0])
+            self.optional_imports = set(tuple(m) for m in item[1])
+            return
+        if tree.tree is None:
+            tree.tree = real_compile(tree.source, '<unknown>', 'exec', ast.PyCF_ONLY_AST)
+        real_init(self, module_fqn, tree.tree, is_pkg_init)
+        tree.known[key] = [sorted(self.submodules), sorted(self.optional_imports)]
+        store(tree)
+
+    mc.compile = compile_
+    mc.ModuleDepFinder.__init__ = finder_init
+    mc._mitogen_native_deps = directory
+    return True

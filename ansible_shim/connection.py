@@ -40,6 +40,13 @@ from mitogen_native.ansible import ssh_options
 
 display = Display()
 
+# This process (an Ansible worker) builds its task's module payloads: keep
+# what Ansible's module_common finds in each module_utils file across builds.
+try:
+    compat.cache_module_deps()
+except Exception as _e:     # never worth failing a task for
+    display.vvv('mitogen-native: no module dependency cache: %s' % (_e,))
+
 _AUTO_INTERPRETERS = ('auto', 'auto_silent', 'auto_legacy', 'auto_legacy_silent')
 #: become methods run as a context (Router.sudo / su / doas).
 _BECOME_METHODS = ('sudo', 'su', 'doas')

@@ -248,6 +248,12 @@ def _undo_locale_coercion():
     return ctype
 
 
+#: What tempfile.gettempdir() depends on besides the file system.
+_TEMP_ENV_NAMES = ('TMPDIR', 'TEMP', 'TMP')
+#: Their values in this agent, whose tempfile module may have chosen (and
+#: cached) its temporary directory with them, which its forks inherit.
+_temp_env = tuple(os.environ.get(name) for name in _TEMP_ENV_NAMES)
+
 # Runs once per agent, at the first call into this module (before the plugin
 # starts a become context through this agent: see ready()).
 _coerced_ctype = _undo_locale_coercion()
@@ -645,26 +651,19 @@ def _std_streams():
     sys.stderr = sys.__stderr__ = text(2, 'w', like_err)
 
 
-def _child_main(exe, env, source, cwd, warm=None):
-    """In the fork: become ``EXE`` reading its program from stdin, run it,
-    return the exit status. `warm`: the :class:`_WarmImports` of the warm
-    fork parent this is a fork of, if any."""
+def _prepare_child(warm=None):
+    """In a fork, the part of becoming a fresh interpreter that does not
+    depend on the program: signal dispositions, the agent's modules and
+    atexit handlers gone, a new ``__main__`` and ``sys.argv``, and (in a fork
+    of a warm parent) where the warm modules hold the objects a fork
+    replaces. Returns what :func:`_child_main` needs."""
     old = [sys.modules.get('__main__'), sys.argv, sys.stdin, sys.stdout, sys.stderr,
            sys.__stdin__, sys.__stdout__, sys.__stderr__]
-    _close_other_fds()
     _reset_signals()
-    if cwd:
-        os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
     _forget_agent()
-    _std_streams()
     import atexit
     atexit._clear()     # the agent's handlers are not this program's
     sys.argv = ['']
-    if hasattr(sys, 'orig_argv'):
-        sys.orig_argv = [exe]
-    sys.executable = exe
     main = type(sys)('__main__')
     main.__file__ = '<stdin>'
     import builtins
@@ -672,13 +671,41 @@ def _child_main(exe, env, source, cwd, warm=None):
     main.__loader__ = None
     main.__spec__ = None
     sys.modules['__main__'] = main
-    if warm is not None:
-        new = [main, sys.argv, sys.stdin, sys.stdout, sys.stderr,
-               sys.__stdin__, sys.__stdout__, sys.__stderr__]
-        warm.adopt(dict((id(o), n) for o, n in zip(old, new) if o is not None))
+    places = warm.find(old) if warm is not None else None
+    return old, main, places
+
+
+def _child_main(exe, env, source, cwd, warm=None, prepared=None):
+    """In the fork: become ``EXE`` reading its program from stdin, run it,
+    return the exit status. `warm`: the :class:`_WarmImports` of the warm
+    fork parent this is a fork of, if any; `prepared`: what
+    :func:`_prepare_child` returned, if it ran already (in a spare, whose
+    descriptors other than 0-2 are closed already)."""
+    if prepared is None:
+        _close_other_fds()
+        prepared = _prepare_child(warm)
+    old, main, places = prepared
+    if cwd:
+        os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile = sys.modules.get('tempfile')
+    if tempfile is not None and tuple(env.get(n) for n in _TEMP_ENV_NAMES) != _temp_env:
+        # The directory the agent chose is not the one this environment names:
+        # choose again, as a fresh interpreter would.
+        tempfile.tempdir = None
+    _std_streams()
+    if hasattr(sys, 'orig_argv'):
+        sys.orig_argv = [exe]
+    sys.executable = exe
+    if places is not None:
+        warm.assign(places, [main, sys.argv, sys.stdin, sys.stdout, sys.stderr,
+                             sys.__stdin__, sys.__stdout__, sys.__stderr__])
     status = 0
     try:
-        code = compile(source, '<stdin>', 'exec', dont_inherit=True)
+        # (compiled here: a syntax error's traceback starts below this frame)
+        code = _compile_ansiballz(source) or compile(source, '<stdin>', 'exec',
+                                                     dont_inherit=True)
         exec(code, main.__dict__)
     except SystemExit as e:
         status = _exit_status(e)
@@ -694,6 +721,61 @@ def _child_main(exe, env, source, cwd, warm=None):
             pass
         status = 1
     return _finish(status)
+
+
+#: The characters of base64 text (what an AnsiballZ wrapper's ZIPDATA holds).
+_BASE64_CHARS = b'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/='
+
+
+def _compile_ansiballz(source):
+    """``compile(source, '<stdin>', 'exec')`` of an AnsiballZ program, or None
+    (another program, or a syntax error: compile the source as it is). Most of the source is
+    the string literal of its base64 zip (``ZIPDATA = \"\"\"...\"\"\"``), which
+    the compiler would scan character by character: it compiles the program
+    with a short placeholder in the literal instead and puts the real text in
+    the code's constants, the same value the literal has (base64 holds no
+    escapes nor newlines, so the lines and the bytecode are the same; only the
+    column where that literal ends differs, which no traceback can show: the
+    assignment of a constant does not fail)."""
+    start = source.find(_ZIPDATA_OPEN) if _ANSIBALLZ_MARK in source[:4096] else -1
+    if start >= 0:
+        start += len(_ZIPDATA_OPEN)
+        end = source.find(b'"""', start)
+        data = source[start:end] if end >= 0 else b''
+        placeholder = b'mitogen-native-zipdata-placeholder'
+        if len(data) > 4096 and not data.translate(None, _BASE64_CHARS) and placeholder not in source:
+            import warnings
+            try:
+                # A warning (or an error) is left to the real compile, which
+                # gives it as a fresh interpreter does, once.
+                with warnings.catch_warnings():
+                    warnings.simplefilter('error')
+                    code = compile(source[:start] + placeholder + source[end:], '<stdin>',
+                                   'exec', dont_inherit=True)
+            except Exception:
+                pass
+            else:
+                swapped = _with_constant(code, placeholder.decode(), data.decode('ascii'))
+                if swapped[1] == 1:
+                    return swapped[0]
+    return None
+
+
+def _with_constant(code, old, new):
+    """(`code` with the str constant `old` replaced by `new` in it and the
+    code nested in it, how many constants were replaced)."""
+    consts, n = [], 0
+    for c in code.co_consts:
+        if isinstance(c, type(code)):
+            c, k = _with_constant(c, old, new)
+            n += k
+        elif type(c) is str and c == old:
+            c = new
+            n += 1
+        consts.append(c)
+    if not n:
+        return code, 0
+    return code.replace(co_consts=tuple(consts)), n
 
 
 def _exit_status(e):
@@ -1197,8 +1279,10 @@ def _recv_msg(sock, nfds=0):
 # -- inside a warm parent -----------------------------------------------------
 
 def _warm_server(sock, zip_path, directory, env):
-    """The warm parent's life: import, say what was imported, then fork once
-    per request until the agent closes the socket (or dies)."""
+    """The warm parent's life: import, say what was imported, then keep one
+    *spare* fork waiting for the next request (:func:`_spare_main`), and fork
+    the next spare once the last one's run has ended, until the agent closes
+    the socket (or dies)."""
     try:
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -1218,47 +1302,94 @@ def _warm_server(sock, zip_path, directory, env):
                          sorted(imported)))
         warm = _WarmImports(zip_path, imported)
         while True:
-            try:
-                request, fds = _recv_msg(sock, 2)
-            except EOFError:
+            pid, channel = _fork_spare(sock, warm)
+            if not _await_spare(sock, pid, channel, warm):
                 return 0
-            _serve_request(sock, request, fds, warm)
-            if len(request) == 4:
-                # While the agent reads the result: compile what the next
-                # run of this module will need.
-                warm.codes.learn(request[3])
     except (BrokenPipeError, ConnectionResetError, EOFError):
         return 0
     finally:
         _remove_tree(directory)
 
 
-def _serve_request(sock, request, fds, warm):
-    if len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        _send_msg(sock, ('failed', 'expected 2 descriptors, got %d' % len(fds)))
-        return
-    exe, env, cwd, source = request
-    out_w, err_w = fds
+def _fork_spare(sock, warm):
+    """Fork the spare that will serve the next request: (pid, the parent's
+    end of its private channel)."""
+    import socket
+    ours, theirs = socket.socketpair()
     pid = os.fork()
     if pid == 0:
         status = 70
         try:
-            sock.detach()    # closed with the other descriptors
-            in_r, in_w = os.pipe()
-            os.close(in_w)   # the interpreter read its program from stdin: at EOF
-            os.dup2(in_r, 0)
-            os.dup2(out_w, 1)
-            os.dup2(err_w, 2)
-            status = _child_main(exe, env, source, cwd, warm)
+            ours.detach()    # closed with the other descriptors
+            status = _spare_main(sock, theirs, warm)
         finally:
             os._exit(status)
-    os.close(out_w)
-    os.close(err_w)
-    _send_msg(sock, ('started', pid, len(warm.codes.codes)))
+    theirs.close()
+    return pid, ours
+
+
+def _await_spare(sock, pid, channel, warm):
+    """In the warm parent: wait until the spare `pid` took a request, then
+    for the end of the run it became; tell the agent its wait status and
+    compile what the next run of its module will need. False: the parent
+    ends (the agent closed the socket, or the spare died without saying it
+    read a whole request: the socket's stream may then be cut mid-message)."""
+    try:
+        msg, _ = _recv_msg(channel)
+    except (OSError, EOFError, ValueError, TypeError):
+        msg = ('gone',)
+    finally:
+        channel.close()
+    if msg[0] == 'bad':             # a malformed request, answered by the spare
+        _waitpid(pid)
+        return True
+    if msg[0] != 'taken':
+        try:
+            os.kill(pid, signal.SIGKILL)    # not reaped yet: still our child's pid
+        except OSError:
+            pass
+        _waitpid(pid)
+        return False
     _, wstatus = _waitpid(pid)
     _send_msg(sock, ('exited', wstatus))
+    # While the agent reads the result, and before the next spare is forked:
+    # compile what the next run of this module will need.
+    warm.codes.learn(msg[1])
+    return True
+
+
+def _spare_main(sock, channel, warm):
+    """A fork of the warm parent, made before its request exists: it does
+    what does not depend on the request (:func:`_prepare_child`), then reads
+    the next request from the agent's socket itself, tells the parent it took
+    it (with the program, for the code cache), answers ``started`` and runs
+    the program as :func:`_child_main`. Returns the exit status."""
+    _close_other_fds(keep=(sock.fileno(), channel.fileno()))
+    prepared = _prepare_child(warm)
+    try:
+        request, fds = _recv_msg(sock, 2)
+    except EOFError:
+        return 0        # the agent closed the socket: the parent ends too
+    if len(fds) != 2 or len(request) != 4:
+        for fd in fds:
+            os.close(fd)
+        _send_msg(channel, ('bad',))
+        _send_msg(sock, ('failed', 'expected 2 descriptors, got %d' % len(fds)))
+        return 0
+    exe, env, cwd, source = request
+    _send_msg(channel, ('taken', source))
+    channel.close()
+    _send_msg(sock, ('started', os.getpid(), len(warm.codes.codes)))
+    sock.close()
+    out_w, err_w = fds
+    in_r, in_w = os.pipe()
+    os.close(in_w)       # the interpreter read its program from stdin: at EOF
+    os.dup2(in_r, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    for fd in (in_r, out_w, err_w):
+        os.close(fd)
+    return _child_main(exe, env, source, cwd, warm, prepared)
 
 
 class _ImportRecorder(object):
@@ -1371,7 +1502,7 @@ def _warm_import(zip_path, env):
         os.environ.clear()
         os.environ.update(saved_env)
         # argv and __main__ stay: what the modules bound at import time are
-        # the objects each fork replaces (_WarmImports.adopt).
+        # the objects each fork replaces (_WarmImports.find).
     if error is None and flags.get('wrote'):
         error = 'importing %s changed the environment' % (', '.join(_WARM_IMPORTS),)
     if error is None and printed:
@@ -1397,7 +1528,7 @@ def _warm_import(zip_path, env):
 
 class _WarmImports(object):
     """In a warm parent: the modules it imported from its zip. In each fork,
-    :meth:`adopt` points them at what the fork replaced (its __main__, argv,
+    :meth:`find` and :meth:`assign` point them at what the fork replaced (its __main__, argv,
     standard streams) and their packages' __path__ at the new payload."""
 
     def __init__(self, zip_path, modules):
@@ -1407,19 +1538,32 @@ class _WarmImports(object):
         self.roots = {}
         self.codes = _CodeCache(zip_path, modules)
 
-    def adopt(self, replaced):
+    def find(self, old):
+        """In a fork, before its program is known: where the warm modules
+        hold one of the objects in `old` (the fork's replaced __main__, argv,
+        standard streams), for :meth:`assign`; and the warm packages'
+        __path__ made to follow the new payload."""
+        index = dict((id(o), i) for i, o in enumerate(old) if o is not None)
+        places = []
         for module in self.modules.values():
             namespace = module.__dict__
-            for key, value in list(namespace.items()):
-                new = replaced.get(id(value))
-                if new is not None:
-                    namespace[key] = new
+            for key, value in namespace.items():
+                i = index.get(id(value))
+                if i is not None:
+                    places.append((namespace, key, i))
         prefix = self.zip_path + os.sep
         for module in self.modules.values():
             path = getattr(module, '__path__', None)
             if path is not None and any(isinstance(e, str) and e.startswith(prefix)
                                         for e in path):
                 module.__path__ = _PayloadPath(module, path, self)
+        return places
+
+    @staticmethod
+    def assign(places, new):
+        """Point the places :meth:`find` found at the fork's new objects."""
+        for namespace, key, i in places:
+            namespace[key] = new[i]
 
     def root(self, top):
         """The sys.path entry that provides package `top` in this fork (the

@@ -38,9 +38,10 @@ ANSIBLE_ENV = os.path.join(ROOT, 'tests', 'ansible', 'ansible_env.py')
 ANSIBLE_PLAYBOOK = '/usr/bin/ansible-playbook'
 CONFIGS = ('stock', 'ours', 'upstream')
 #: Also available with --configs: ours without warm fork parents (each forked
-#: module imports its module_utils itself), and without forks at all (a new
-#: interpreter per module, as stock).
-EXTRA_CONFIGS = ('ours-cold', 'ours-nofork')
+#: module imports its module_utils itself), without forks at all (a new
+#: interpreter per module, as stock), and without the cache of module_utils
+#: imports for Ansible's module building (compat.cache_module_deps).
+EXTRA_CONFIGS = ('ours-cold', 'ours-nofork', 'ours-nodeps')
 #: Ends the multiplexer daemon listening on argv[1], if the package has one.
 STOP_MUX = '''import sys
 try:
@@ -139,6 +140,8 @@ class Bench(object):
             e['ANSIBLE_STRATEGY'] = 'mitogen_linear'
         if config == 'ours-cold':
             e['MITOGEN_NATIVE_WARM_MODULES'] = '0'
+        if config == 'ours-nodeps':
+            e['MITOGEN_NATIVE_MODULE_DEPS'] = '0'
         return e
 
     def run(self, config, playbook):
@@ -204,6 +207,7 @@ def table(results, ntasks):
              'ours': 'mitogen.native.ssh',
              'ours-cold': 'mitogen.native.ssh, no warm fork parents',
              'ours-nofork': 'mitogen.native.ssh, fork_modules=false',
+             'ours-nodeps': 'mitogen.native.ssh, no module_utils import cache',
              'upstream': 'upstream Mitogen 0.3.3 (mitogen_linear)'}
     for hosts, by_config in results.items():
         stock = by_config.get('stock', {}).get('per_task_ms')
@@ -263,6 +267,8 @@ def main():
         backend += ' (%s)' % ('the multiplexer daemon' if has_mux else 'in-process')
     print('%d tasks per playbook, %d measured runs each (median), backend=%s'
           % (ntasks, args.runs, backend))
+    print('agents on the targets import mitogen_native_target from %s'
+          % (world['target_pythonpath'] or 'where their interpreter finds it (no PYTHONPATH)'))
     print('uptime before: %s' % before)
     print('uptime after:  %s' % after)
     print(table(results, ntasks))

@@ -15,7 +15,11 @@
   plus `mitogen-ansible`, to which mitogen-test may sudo without a password
   (its own sudoers file, so the other tests' rules stay as they are);
 * the mitogen.native collection, built with `ansible-galaxy collection build`
-  from plugin/collection and installed into DIR/collections.
+  from plugin/collection and installed into DIR/collections;
+* when the mitogen_native_target this process imports (PYTHONPATH=<build>/python)
+  is not the one the targets' interpreter would import (an installed copy),
+  sshd gives the sessions PYTHONPATH=<its directory> (SetEnv), so that the
+  agents run the tree's copy.
 """
 import glob
 import json
@@ -93,6 +97,36 @@ def build_collection(d):
     return tarball, cols
 
 
+TARGET_PYTHONPATH_ENV = 'MITOGEN_TEST_TARGET_PYTHONPATH'
+#: Run by the targets' interpreter (sshd's environment, no PYTHONPATH): where
+#: it would import mitogen_native_target from, if anywhere.
+_WHERE_TARGET = ('import importlib.util, os\n'
+                 's = importlib.util.find_spec("mitogen_native_target")\n'
+                 'print(os.path.dirname(os.path.realpath(s.origin)) if s and s.origin else "")\n')
+
+
+def target_module_dir(python=sys.executable):
+    """The directory of the mitogen_native_target this process imports (the
+    tree under test: PYTHONPATH=<build>/python), if the targets' interpreter,
+    started by sshd without that PYTHONPATH, would import another copy (one
+    installed by `cmake --install`); else None. An agent imports what is
+    installed before it asks the controller for a module, so without
+    PYTHONPATH on the targets the tests would run the installed copy.
+    $MITOGEN_TEST_TARGET_PYTHONPATH, when set, is the answer ('' for None)."""
+    if TARGET_PYTHONPATH_ENV in os.environ:     # '' for none
+        return os.environ[TARGET_PYTHONPATH_ENV] or None
+    import importlib.util
+    spec = importlib.util.find_spec('mitogen_native_target')
+    if spec is None or not spec.origin:
+        return None
+    ours = os.path.dirname(os.path.realpath(spec.origin))
+    env = dict(os.environ)
+    env.pop('PYTHONPATH', None)
+    theirs = subprocess.run([python, '-c', _WHERE_TARGET], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True).stdout.strip()
+    return None if theirs == ours else ours
+
+
 def start(d, count=len(ADDRESSES)):
     addresses = ['127.0.0.%d' % i for i in range(1, count + 1)]
     if os.geteuid() != 0:
@@ -138,6 +172,10 @@ def start(d, count=len(ADDRESSES)):
     for p in (jump_key, jump_known):
         os.chown(p, user.pw_uid, user.pw_gid)
         os.chmod(p, 0o600)
+    # The sessions' environment: the tree's mitogen_native_target first (become
+    # contexts still import the installed copy: sudo drops PYTHONPATH).
+    target_dir = target_module_dir()
+    set_env = ['SetEnv PYTHONPATH=%s' % target_dir] if target_dir else []
     conf = os.path.join(d, 'sshd_config')
     with open(conf, 'w') as f:
         f.write('\n'.join(['ListenAddress %s' % a for a in addresses] + [
@@ -159,8 +197,7 @@ def start(d, count=len(ADDRESSES)):
             # As Debian's sshd: the stock plugin's file transfers use sftp.
             'Subsystem sftp internal-sftp',
             'LogLevel VERBOSE',
-            '',
-        ]))
+        ] + set_env + ['']))
     log = os.path.join(d, 'sshd.log')
     run(sshd_fixture.SSHD, '-t', '-f', conf)
     proc = subprocess.Popen([sshd_fixture.SSHD, '-D', '-f', conf, '-E', log],
@@ -194,6 +231,7 @@ def start(d, count=len(ADDRESSES)):
         'nopw_user': NOPW_USER,
         'collection_tarball': tarball, 'collections_path': cols,
         'log': log,
+        'target_pythonpath': target_dir,
     }
     print(json.dumps(info))
     sys.stdout.flush()

@@ -213,7 +213,7 @@ import zipfile
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'library')
 _PAYLOAD_PATH = re.compile(r'/[^\s"\']*?/ansible_\w+?_payload_\w+/ansible_\w+?_payload\.zip')
-_VOLATILE = ('start', 'end', 'delta', 'ppid', 'parent_is_agent')
+_VOLATILE = ('start', 'end', 'delta', 'ppid', 'pid', 'parent_is_agent')
 
 
 def ansiballz(name, args=None, path=None):
@@ -462,6 +462,27 @@ def test_environment_read_at_import_is_honoured(fresh_agent, payloads):
     assert same['basic_file'] == base['basic_file']
 
 
+def test_temporary_directory_follows_the_programs_environment(fresh_agent, payloads,
+                                                               tmp_path):
+    """The agent (and so its forks and warm parents) may have chosen and
+    cached tempfile's directory; a program whose environment names another
+    one (TMPDIR) uses that, as a fresh interpreter does: plain programs, and
+    AnsiballZ payloads (the wrapper unpacks its zip there)."""
+    agent = fresh_agent
+    run_module(agent, payloads['ping'])      # the agent chose its directory
+    assert agent.call(eval, "__import__('tempfile').tempdir") is not None
+    env = 'TMPDIR=%s' % tmp_path
+    cmd = "/bin/sh -c '%s %s && sleep 0'" % (env, PY)
+    program = b'import tempfile\nprint(tempfile.gettempdir())\n'
+    forked = agent.call(target.exec_command, cmd, program, False, True)
+    fresh = agent.call(target.exec_command, cmd, program, False, False)
+    assert forked == fresh == (0, ('%s\n' % tmp_path).encode(), b'')
+    rc, out, err, result = run_module(agent, payloads['warm_probe'], env=env)
+    assert rc == 0, (out, err)
+    assert result['module_file'].startswith('%s/ansible_warm_probe_payload_' % tmp_path), result
+    assert result['basic_file'].startswith(warm_state(agent)[0][0]['zip'])   # still warm
+
+
 def _wait_for(predicate, what, timeout=30):
     deadline = time.time() + timeout
     while not predicate():
@@ -475,6 +496,118 @@ def _gone(pid):
             return f.read().split(') ', 1)[1].startswith('Z')
     except OSError:
         return True
+
+
+def _children(pid):
+    """{pid: state letter} of the processes whose parent is `pid` (/proc)."""
+    out = {}
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name) as f:
+                fields = f.read().rsplit(') ', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            out[int(name)] = fields[0]
+    return out
+
+
+def _spare_of(parent_pid):
+    """The warm parent's one child, once it has exactly one that is not a
+    zombie: the spare fork waiting for the next run."""
+    found = []
+
+    def one_waiting():
+        kids = _children(parent_pid)
+        found[:] = [p for p, state in kids.items() if state != 'Z']
+        return len(kids) == 1 and len(found) == 1
+    _wait_for(one_waiting, 'the warm parent %d to have one spare and nothing else'
+              % parent_pid)
+    return found[0]
+
+
+def test_each_run_is_served_by_the_spare_forked_before_it(fresh_agent, payloads):
+    """A warm parent keeps one fork waiting for the next run, and forks the
+    next one after each run; a run's process was there before its request;
+    the forks that ran are reaped (no zombies) and nothing else is left."""
+    agent = fresh_agent
+    fresh = normalized(run_module(agent, payloads['warm_probe'], fork_ok=False)[3])
+    run_module(agent, payloads['warm_probe'])
+    parents, _ = warm_state(agent)
+    parent = parents[0]['pid']
+    served = []
+    for _ in range(3):
+        spare = _spare_of(parent)
+        rc, out, err, result = run_module(agent, payloads['warm_probe'])
+        assert rc == 0, (out, err)
+        assert result['pid'] == spare and result['ppid'] == parent, (result, spare)
+        assert normalized(result, parents[0]['zip']).items() >= \
+            dict((k, v) for k, v in fresh.items() if k != 'basic_file').items()
+        served.append(spare)
+    assert len(set(served)) == 3
+    _spare_of(parent)     # the next one waits; the three that ran are gone
+    for pid in served:
+        assert pid not in _children(parent)
+    assert [p['pid'] for p in warm_state(agent)[0]] == [parent]
+
+
+def test_killed_spare_loses_nothing(fresh_agent, payloads):
+    """The spare killed while it waits: the next run still gives a fresh
+    interpreter's result, the warm parent it belonged to ends, is reaped and
+    its directory removed, and a new one serves later runs."""
+    agent = fresh_agent
+    agent_pid = agent.call(os.getpid)
+    fresh = run_module(agent, payloads['ping'], fork_ok=False)
+    run_module(agent, payloads['ping'])
+    old = warm_state(agent)[0][0]
+    spare = _spare_of(old['pid'])
+    os.kill(spare, 9)
+    # (its parent cannot know how much of a request a killed spare read:
+    # it ends, and the agent starts another when it needs one)
+    _wait_for(lambda: _gone(old['pid']), 'the warm parent to end with its spare')
+    for _ in range(2):
+        rc, out, err, result = run_module(agent, payloads['ping'])
+        assert (rc, normalized(result), normalized(err.decode())) == \
+            (fresh[0], normalized(fresh[3]), normalized(fresh[2].decode()))
+    assert not os.path.exists(old['directory'])
+    new = warm_state(agent)[0]
+    assert [p['pid'] for p in new] != [old['pid']] and len(new) == 1
+    kids = _children(agent_pid)
+    assert old['pid'] not in kids and spare not in kids, kids   # reaped
+    assert 'Z' not in kids.values(), kids
+    _spare_of(new[0]['pid'])
+
+
+def test_ansiballz_compiles_as_the_interpreter_does(payloads):
+    """The wrapper compiled without scanning its base64 zip: the same code
+    as compile() makes (bytecode, constants, names, lines); anything else
+    (a plain program, a syntax error, a compile warning) is left to compile()."""
+    def same(a, b):
+        assert (a.co_code, a.co_names, a.co_varnames, a.co_freevars, a.co_cellvars,
+                a.co_firstlineno, a.co_flags, a.co_name, a.co_filename, a.co_stacksize,
+                list(a.co_lines())) == \
+            (b.co_code, b.co_names, b.co_varnames, b.co_freevars, b.co_cellvars,
+             b.co_firstlineno, b.co_flags, b.co_name, b.co_filename, b.co_stacksize,
+             list(b.co_lines()))
+        assert len(a.co_consts) == len(b.co_consts)
+        for x, y in zip(a.co_consts, b.co_consts):
+            if isinstance(x, type(a)):
+                same(x, y)
+            else:
+                assert type(x) is type(y) and x == y
+    for name in ('ping', 'stat', 'warm_probe'):
+        payload = payloads[name]
+        code = target._compile_ansiballz(payload)
+        assert code is not None
+        same(code, compile(payload, '<stdin>', 'exec', dont_inherit=True))
+    assert target._compile_ansiballz(PROGRAMS['prints']) is None
+    broken = payloads['ping'].replace(b'def _ansiballz_main():', b'def _ansiballz_main(:', 1)
+    assert target._compile_ansiballz(broken) is None
+    warns = payloads['ping'].replace(b'def _ansiballz_main():',
+                                     b'x = "\\d"\ndef _ansiballz_main():', 1)
+    assert target._compile_ansiballz(warns) is None
 
 
 def test_killed_warm_parent_is_replaced(fresh_agent, payloads):
@@ -524,19 +657,23 @@ def test_warm_parents_end_with_the_agent(payloads):
         run_module(agent, payloads['ping'])
         parents, _ = warm_state(agent)
         assert len(parents) == 1
+        stopped_spare = _spare_of(parents[0]['pid'])
         assert agent.call(target.stop_warm_parents) == 1
         _wait_for(lambda: not os.path.exists(parents[0]['directory']),
                   'the stopped parent to remove its directory')
+        _wait_for(lambda: _gone(stopped_spare), "the stopped parent's spare to exit")
         run_module(agent, payloads['ping'])
         parents, _ = warm_state(agent)
+        spare = _spare_of(parents[0]['pid'])
     finally:
         broker.shutdown()
         broker.join()
-    # The agent is gone: its warm parent sees the end of its socket, exits
-    # and removes its directory.
+    # The agent is gone: its warm parent and the parent's spare see the end of
+    # their socket and exit; the parent removes its directory.
     _wait_for(lambda: not os.path.exists(parents[0]['directory']),
               'the warm parent to remove its directory')
     _wait_for(lambda: _gone(parents[0]['pid']), 'the warm parent to exit')
+    _wait_for(lambda: _gone(spare), 'the spare to exit')
 
 
 def test_plain_programs_never_use_a_warm_parent(fresh_agent):

@@ -21,13 +21,14 @@ def _daemon_backend():
 
 def _probe_results(run, host):
     """{task: [warm_probe results]} (a loop's items in order), with the keys
-    that differ by design (where basic.py came from, the parent's pid) moved
+    that differ by design (where basic.py came from, the pids) moved
     out of the results that are compared with stock."""
     out = {}
     for task in PROBES:
         result = run.result(task, host)['result']
         items = result.get('results', [result])
-        out[task] = [dict(basic_file=i.pop('basic_file'), ppid=i.pop('ppid')) for i in items]
+        out[task] = [dict(basic_file=i.pop('basic_file'), ppid=i.pop('ppid'), pid=i.pop('pid'))
+                     for i in items]
     return out
 
 

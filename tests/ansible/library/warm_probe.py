@@ -45,6 +45,7 @@ def main():
         marker=getattr(basic, 'WARM_TEST_MARK', None),
         extra_marker=getattr(dict_transformations, 'WARM_TEST_MARK', None),
         ppid=os.getppid(),
+        pid=os.getpid(),
     )
 
 
