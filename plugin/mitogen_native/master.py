@@ -258,9 +258,10 @@ class Router(_native.Router):
         if connect_timeout is None:
             connect_timeout = 30.0
         log_level = self._log_level(log_level, debug)
-        return self._started(self._local(remote_name, python_path, bool(debug),
-                                         float(connect_timeout), name, log_level, via,
-                                         max_message_size), via)
+        return self._started(self._connect('local', dict(
+            remote_name=remote_name, python_path=python_path, debug=bool(debug),
+            connect_timeout=float(connect_timeout), name=name, log_level=log_level,
+            via=via, max_message_size=max_message_size)), via)
 
     def ssh(self, hostname, port=None, username=None, password=None,
             identity_file=None, check_host_keys='enforce', known_hosts_file=None,
@@ -362,7 +363,7 @@ class Router(_native.Router):
         if debug is None:
             debug = self.debug
         log_level = self._log_level(log_level, debug)
-        return self._started(self._ssh(dict(
+        return self._started(self._connect('ssh', dict(
             hostname=hostname, port=port, username=username, password=password,
             identity_files=keys, use_agent=use_agent, check_host_keys=check_host_keys,
             known_hosts_file=known_hosts_file, connect_timeout=connect_timeout,
@@ -405,7 +406,7 @@ class Router(_native.Router):
         o['log_level'] = self._log_level(o.get('log_level'), o['debug'])
         o['max_message_size'] = _o.as_int('max_message_size', o.get('max_message_size'),
                                           1, 2**32 - 1)
-        return self._started(self._become(method, o), via)
+        return self._started(self._connect(method, o), via)
 
     def sudo(self, username=None, sudo_path=None, password=None, sudo_args=None,
              preserve_env=None, set_home=None, login=None, selinux_role=None,

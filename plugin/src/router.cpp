@@ -1,6 +1,9 @@
 // Router: the entry point for creating contexts.
+#include <chrono>
 #include <condition_variable>
+#include <initializer_list>
 #include <mutex>
+#include <set>
 #include <thread>
 
 #include "bindings.hpp"
@@ -73,6 +76,154 @@ std::optional<mitogen::context> via_context(const py_router& pr, const py::objec
   return c;
 }
 
+/// The one way connection options reach the extension (for every method): a dict
+/// that mitogen_native.master.Router already checked and normalised (_options.py),
+/// read here into the core's option structs. A key nobody read is a bug in that
+/// layer, refused rather than silently dropped.
+class options_reader {
+ public:
+  options_reader(const py_router& pr, py::dict d) : pr_(pr), d_(std::move(d)) {}
+
+  /// `out` = the value of `key`, if present and not None.
+  template <class T>
+  void get(const char* key, T& out) {
+    if (auto v = take(key); !v.is_none()) out = v.cast<T>();
+  }
+  template <class T>
+  void get(const char* key, std::optional<T>& out) {
+    if (auto v = take(key); !v.is_none()) out = v.cast<T>();
+  }
+  /// Seconds (a float) into a duration.
+  template <class D>
+  void seconds(const char* key, D& out) {
+    if (auto v = take(key); !v.is_none())
+      out = std::chrono::duration_cast<D>(std::chrono::duration<double>(v.cast<double>()));
+  }
+  /// One of the names in `choices`, as its value.
+  template <class E>
+  void choice(const char* key, E& out, std::initializer_list<std::pair<const char*, E>> choices) {
+    auto v = take(key);
+    if (v.is_none()) return;
+    auto text = v.cast<std::string>();
+    std::string names;
+    for (auto& [name, value] : choices) {
+      if (text == name) {
+        out = value;
+        return;
+      }
+      names += (names.empty() ? "'" : ", '") + std::string(name) + "'";
+    }
+    throw py::value_error(std::string(key) + " must be one of " + names);
+  }
+  /// The options every connection method takes.
+  void common(mitogen::connect_options& o) {
+    get("python_path", o.python_path);
+    get("remote_name", o.remote_name);
+    seconds("connect_timeout", o.connect_timeout);
+    get("debug", o.debug);
+    get("log_level", o.log_level);
+    get("max_message_size", o.max_message_size);
+    o.via = via_context(pr_, take("via"));
+  }
+  /// Every key given a value was read (None means "not given", whatever the key).
+  void check_all_read() const {
+    for (auto item : d_) {
+      auto key = item.first.cast<std::string>();
+      if (!item.second.is_none() && !read_.count(key))
+        throw py::type_error("unexpected option for this connection method: " + key);
+    }
+  }
+
+ private:
+  py::object take(const char* key) {
+    read_.insert(key);
+    return d_.contains(key) ? py::object(d_[key]) : py::none();
+  }
+  const py_router& pr_;
+  py::dict d_;
+  std::set<std::string> read_;
+};
+
+/// The become options every method shares (sudo, su, doas).
+void read_become(options_reader& in, mitogen::become_options& o) {
+  in.common(o);
+  in.get("username", o.username);
+  in.get("password", o.password);
+  in.get("password_prompts", o.password_prompts);
+  in.get("incorrect_prompts", o.incorrect_prompts);
+  in.get("not_allowed_prompts", o.not_allowed_prompts);
+}
+
+/// Start a context with `method` and wrap it for Python.
+py::object connect(py_router& pr, py::object self, const std::string& method, options_reader in) {
+  auto r = pr.r;
+  std::function<mitogen::context()> start;
+  std::optional<std::string> remote_name;
+  if (method == "local") {
+    mitogen::local_options o;
+    in.common(o);
+    remote_name = o.remote_name;
+    start = [r, o = std::move(o)] { return mitogen::local(*r, o); };
+  } else if (method == "ssh") {
+    mitogen::ssh_options o;
+    in.common(o);
+    in.get("hostname", o.hostname);
+    in.get("port", o.port);
+    in.get("username", o.username);
+    in.get("password", o.password);
+    in.get("identity_files", o.identity_files);
+    in.get("known_hosts_file", o.known_hosts_file);
+    in.get("ssh_config_file", o.ssh_config_file);
+    in.get("ssh_path", o.ssh_path);
+    in.get("ssh_args", o.ssh_args);
+    in.seconds("keepalive_interval", o.keepalive_interval);
+    in.get("keepalive_count", o.keepalive_count);
+    in.get("use_agent", o.use_agent);
+    in.get("compression", o.compression);
+    in.choice("check_host_keys", o.check_host_keys,
+              {{"enforce", mitogen::host_key_policy::enforce},
+               {"accept", mitogen::host_key_policy::accept},
+               {"ignore", mitogen::host_key_policy::ignore}});
+    in.choice("transport", o.transport,
+              {{"libssh2", mitogen::ssh_transport::libssh2}, {"openssh", mitogen::ssh_transport::openssh}});
+    remote_name = o.remote_name;
+    start = [r, o = std::move(o)] { return mitogen::ssh(*r, o); };
+  } else if (method == "sudo") {
+    mitogen::sudo_options o;
+    read_become(in, o);
+    in.get("sudo_path", o.sudo_path);
+    in.get("sudo_args", o.sudo_args);
+    in.get("preserve_env", o.preserve_env);
+    in.get("set_home", o.set_home);
+    in.get("login", o.login);
+    in.get("selinux_role", o.selinux_role);
+    in.get("selinux_type", o.selinux_type);
+    remote_name = o.remote_name;
+    start = [r, o = std::move(o)] { return mitogen::sudo(*r, o); };
+  } else if (method == "su") {
+    mitogen::su_options o;
+    read_become(in, o);
+    in.get("su_path", o.su_path);
+    remote_name = o.remote_name;
+    start = [r, o = std::move(o)] { return mitogen::su(*r, o); };
+  } else if (method == "doas") {
+    mitogen::doas_options o;
+    read_become(in, o);
+    in.get("doas_path", o.doas_path);
+    remote_name = o.remote_name;
+    start = [r, o = std::move(o)] { return mitogen::doas(*r, o); };
+  } else {
+    throw py::value_error("method must be 'local', 'ssh', 'sudo', 'su' or 'doas'");
+  }
+  std::optional<std::string> name;
+  in.get("name", name);
+  in.check_all_read();
+  mitogen::context c = start_context(r, std::move(start));
+  pr.remote_names[c.id()] = remote_name.value_or(mitogen::default_remote_name());
+  if (name) c = mitogen::context(c.get_router(), c.id(), *name);
+  return make_context(std::move(c), self);
+}
+
 }  // namespace
 
 void register_router(py::module_& m) {
@@ -100,140 +251,14 @@ void register_router(py::module_& m) {
       .def_property_readonly(
           "context_id", [](py_router& self) { return self.r->context_id(); }, "This program's context id (0).")
       .def(
-          "_local",
-          [](py::object self, std::optional<std::string> remote_name, std::vector<std::string> python_path,
-             bool debug, double connect_timeout, std::optional<std::string> name, int log_level, py::object via,
-             std::optional<std::uint32_t> max_message_size) {
+          "_connect",
+          [](py::object self, const std::string& method, py::dict options) {
             auto& pr = self.cast<py_router&>();
-            mitogen::local_options o;
-            o.via = via_context(pr, via);
-            o.python_path = std::move(python_path);
-            o.remote_name = std::move(remote_name);
-            o.debug = debug;
-            o.log_level = log_level;
-            if (max_message_size) o.max_message_size = *max_message_size;
-            o.connect_timeout = std::chrono::milliseconds(static_cast<long>(connect_timeout * 1000));
-            auto r = pr.r;
-            auto title = o.remote_name.value_or(mitogen::default_remote_name());
-            mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::local(*r, o); });
-            pr.remote_names[c.id()] = std::move(title);
-            if (name) c = mitogen::context(c.get_router(), c.id(), *name);
-            return make_context(std::move(c), self);
-          },
-          py::arg("remote_name"), py::arg("python_path"), py::arg("debug"), py::arg("connect_timeout"),
-          py::arg("name"), py::arg("log_level"), py::arg("via") = py::none(),
-          py::arg("max_message_size") = py::none(), "Start a local context (see mitogen_native.master.Router.local).")
-      .def(
-          "_ssh",
-          [](py::object self, py::dict kw) {
-            auto& pr = self.cast<py_router&>();
-            mitogen::ssh_options o;
-            auto get = [&](const char* k) -> py::object { return kw.contains(k) ? py::object(kw[k]) : py::none(); };
-            o.via = via_context(pr, get("via"));
-            o.hostname = get("hostname").cast<std::string>();
-            if (auto v = get("port"); !v.is_none()) o.port = v.cast<std::uint16_t>();
-            if (auto v = get("username"); !v.is_none()) o.username = v.cast<std::string>();
-            if (auto v = get("password"); !v.is_none()) o.password = v.cast<std::string>();
-            if (auto v = get("identity_files"); !v.is_none()) o.identity_files = v.cast<std::vector<std::string>>();
-            if (auto v = get("known_hosts_file"); !v.is_none()) o.known_hosts_file = v.cast<std::string>();
-            if (auto v = get("ssh_config_file"); !v.is_none()) o.ssh_config_file = v.cast<std::string>();
-            if (auto v = get("python_path"); !v.is_none()) o.python_path = v.cast<std::vector<std::string>>();
-            if (auto v = get("remote_name"); !v.is_none()) o.remote_name = v.cast<std::string>();
-            if (auto v = get("ssh_path"); !v.is_none()) o.ssh_path = v.cast<std::string>();
-            if (auto v = get("ssh_args"); !v.is_none()) o.ssh_args = v.cast<std::vector<std::string>>();
-            if (auto v = get("connect_timeout"); !v.is_none())
-              o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
-            if (auto v = get("keepalive_interval"); !v.is_none())
-              o.keepalive_interval = std::chrono::seconds(static_cast<long>(v.cast<double>()));
-            if (auto v = get("keepalive_count"); !v.is_none()) o.keepalive_count = v.cast<int>();
-            if (auto v = get("use_agent"); !v.is_none()) o.use_agent = v.cast<bool>();
-            if (auto v = get("compression"); !v.is_none()) o.compression = v.cast<bool>();
-            if (auto v = get("max_message_size"); !v.is_none()) o.max_message_size = v.cast<std::uint32_t>();
-            o.debug = get("debug").cast<bool>();
-            o.log_level = get("log_level").cast<int>();
-            auto policy = get("check_host_keys").cast<std::string>();
-            if (policy == "enforce")
-              o.check_host_keys = mitogen::host_key_policy::enforce;
-            else if (policy == "accept")
-              o.check_host_keys = mitogen::host_key_policy::accept;
-            else if (policy == "ignore")
-              o.check_host_keys = mitogen::host_key_policy::ignore;
-            else
-              throw py::value_error("check_host_keys must be 'enforce', 'accept' or 'ignore'");
-            auto transport = get("transport").cast<std::string>();
-            if (transport == "libssh2")
-              o.transport = mitogen::ssh_transport::libssh2;
-            else if (transport == "openssh")
-              o.transport = mitogen::ssh_transport::openssh;
-            else
-              throw py::value_error("transport must be 'libssh2' or 'openssh'");
-            auto r = pr.r;
-            auto title = o.remote_name.value_or(mitogen::default_remote_name());
-            mitogen::context c = start_context(r, [r, o = std::move(o)] { return mitogen::ssh(*r, o); });
-            pr.remote_names[c.id()] = std::move(title);
-            if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
-            return make_context(std::move(c), self);
-          },
-          py::arg("options"), "Start an SSH context (see mitogen_native.master.Router.ssh).")
-      .def(
-          "_become",
-          [](py::object self, const std::string& method, py::dict kw) {
-            auto& pr = self.cast<py_router&>();
-            auto get = [&](const char* k) -> py::object { return kw.contains(k) ? py::object(kw[k]) : py::none(); };
-            // The options every become method shares.
-            auto fill = [&](mitogen::become_options& o) {
-              if (auto v = get("username"); !v.is_none()) o.username = v.cast<std::string>();
-              if (auto v = get("password"); !v.is_none()) o.password = v.cast<std::string>();
-              if (auto v = get("password_prompts"); !v.is_none())
-                o.password_prompts = v.cast<std::vector<std::string>>();
-              if (auto v = get("incorrect_prompts"); !v.is_none())
-                o.incorrect_prompts = v.cast<std::vector<std::string>>();
-              if (auto v = get("not_allowed_prompts"); !v.is_none())
-                o.not_allowed_prompts = v.cast<std::vector<std::string>>();
-              if (auto v = get("python_path"); !v.is_none()) o.python_path = v.cast<std::vector<std::string>>();
-              if (auto v = get("remote_name"); !v.is_none()) o.remote_name = v.cast<std::string>();
-              if (auto v = get("connect_timeout"); !v.is_none())
-                o.connect_timeout = std::chrono::milliseconds(static_cast<long>(v.cast<double>() * 1000));
-              o.debug = get("debug").cast<bool>();
-              o.log_level = get("log_level").cast<int>();
-              if (auto v = get("max_message_size"); !v.is_none()) o.max_message_size = v.cast<std::uint32_t>();
-              o.via = via_context(pr, get("via"));
-            };
-            std::function<mitogen::context()> connect;
-            auto r = pr.r;
-            if (method == "sudo") {
-              mitogen::sudo_options o;
-              fill(o);
-              if (auto v = get("sudo_path"); !v.is_none()) o.sudo_path = v.cast<std::string>();
-              if (auto v = get("sudo_args"); !v.is_none()) o.sudo_args = v.cast<std::vector<std::string>>();
-              if (auto v = get("preserve_env"); !v.is_none()) o.preserve_env = v.cast<bool>();
-              if (auto v = get("set_home"); !v.is_none()) o.set_home = v.cast<bool>();
-              if (auto v = get("login"); !v.is_none()) o.login = v.cast<bool>();
-              if (auto v = get("selinux_role"); !v.is_none()) o.selinux_role = v.cast<std::string>();
-              if (auto v = get("selinux_type"); !v.is_none()) o.selinux_type = v.cast<std::string>();
-              connect = [r, o = std::move(o)] { return mitogen::sudo(*r, o); };
-            } else if (method == "su") {
-              mitogen::su_options o;
-              fill(o);
-              if (auto v = get("su_path"); !v.is_none()) o.su_path = v.cast<std::string>();
-              connect = [r, o = std::move(o)] { return mitogen::su(*r, o); };
-            } else if (method == "doas") {
-              mitogen::doas_options o;
-              fill(o);
-              if (auto v = get("doas_path"); !v.is_none()) o.doas_path = v.cast<std::string>();
-              connect = [r, o = std::move(o)] { return mitogen::doas(*r, o); };
-            } else {
-              throw py::value_error("method must be 'sudo', 'su' or 'doas'");
-            }
-            auto title = get("remote_name").is_none() ? mitogen::default_remote_name()
-                                                      : get("remote_name").cast<std::string>();
-            mitogen::context c = start_context(r, std::move(connect));
-            pr.remote_names[c.id()] = std::move(title);
-            if (auto v = get("name"); !v.is_none()) c = mitogen::context(c.get_router(), c.id(), v.cast<std::string>());
-            return make_context(std::move(c), self);
+            return connect(pr, self, method, options_reader(pr, options));
           },
           py::arg("method"), py::arg("options"),
-          "Start a context through sudo, su or doas (see mitogen_native.master.Router.sudo).")
+          "Start a context: method 'local', 'ssh', 'sudo', 'su' or 'doas', with the options "
+          "mitogen_native.master.Router checked and normalised (see its methods).")
       .def(
           "_module_stats",
           [](py_router& self) {

@@ -195,3 +195,20 @@ def test_ssh_documented_and_upstream_options_connect(sshd, router):
     assert len({a.call(os.getpid), b.call(os.getpid), c.call(os.getpid), os.getpid()}) == 4
     with pytest.raises(mitogen_native.core.ChannelError):
         a.call(remote_helpers.identity, 'x' * (2 << 20))
+
+
+def test_one_entry_point_reads_every_option_it_is_given(router):
+    """Router.local/ssh/sudo/su/doas all reach the extension through
+    Router._connect(method, options) (docs/architecture.md, "The plugin seam"):
+    an option the method does not read is refused there, never dropped."""
+    with pytest.raises(TypeError, match='unexpected option for this connection method: sudo_path'):
+        router._connect('su', dict(sudo_path='/usr/bin/sudo'))
+    with pytest.raises(TypeError, match='unexpected option .*: hostname'):
+        router._connect('local', dict(hostname='example.org'))
+    with pytest.raises(ValueError, match="method must be"):
+        router._connect('telnet', {})
+    with pytest.raises(ValueError, match="check_host_keys must be one of 'enforce', 'accept', 'ignore'"):
+        router._connect('ssh', dict(hostname='127.0.0.1', check_host_keys='maybe'))
+    # None means "not given", whatever the method.
+    ctx = router._connect('local', dict(python_path=['/usr/bin/python3'], sudo_path=None))
+    assert ctx.call(os.getpid) != os.getpid()
