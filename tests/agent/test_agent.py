@@ -350,6 +350,28 @@ def test_reply_to_closed_handle_gets_dead_reply(master):
 
 # -- refusals ----------------------------------------------------------------
 
+def test_each_call_payload_is_decoded_on_its_own(master):
+    """The agent reuses one unpickler for calls (_decode_call): nothing of a
+    payload may show through in the next one: not its memo (a payload made of
+    one BINGET would otherwise replay an earlier call), not bytes after its
+    STOP, not what a failed decode left behind."""
+    first = pickle.dumps((None, 'os', None, 'getpid', (), {}), 2)
+    assert master.result(master.call_raw(first)) == master.pid
+    for index in range(8):
+        replay = b'\x80\x02h' + bytes([index]) + b'.'     # BINGET index; STOP
+        with pytest.raises(RemoteError) as info:
+            master.result(master.call_raw(replay))
+        assert 'StreamError' in info.value.args[0] or 'Memo' in info.value.args[0], info.value
+    # Bytes after STOP: ignored for this call, never decoded as the next one.
+    trailing = first + pickle.dumps((None, 'os', None, 'getcwd', (), {}), 2)
+    assert master.result(master.call_raw(trailing)) == master.pid
+    assert master.result(master.call_raw(first)) == master.pid
+    # A payload cut short fails, and the next one decodes cleanly.
+    with pytest.raises(RemoteError):
+        master.result(master.call_raw(first[:-6]))
+    assert master.result(master.call_raw(first)) == master.pid
+
+
 def test_forbidden_global_in_call_is_refused(master):
     # A hostile CALL_FUNCTION: os.system as an argument.
     payload = pickle.dumps((None, 'os', None, 'getpid', (os.system,), {}), 2)

@@ -34,6 +34,9 @@ def _wake_pipe():
     return _wake_fds
 
 
+_NO_ITEM = object()              # _step_down(): the slot had nothing
+
+
 class _Slot(object):
     __slots__ = ('queue', 'wake', 'sleeping', 'peer')
 
@@ -138,6 +141,7 @@ class _Inbox(object):
             if not lead:
                 self._sleep(slot, deadline, timeout)
                 continue
+            led = False
             try:
                 if deadline is None and not wakeable:
                     # Appends happen under the lock, but reading the list's
@@ -146,8 +150,13 @@ class _Inbox(object):
                         self._route(self.read_frame())
                 else:
                     self._lead_until(slot, deadline, timeout)
+                led = True
             finally:
-                self._step_down()
+                # Stepping down takes the item too: one lock, not two, per
+                # call. Not after a TimeoutError: the item would be lost.
+                item = self._step_down(slot if led else None)
+            if item is not _NO_ITEM:
+                return item
 
     def _sleep(self, slot, deadline, timeout):
         """Sleep until woken (with an item, or to take over reading) or until
@@ -197,9 +206,10 @@ class _Inbox(object):
         finally:
             _leading_slot = None
 
-    def _step_down(self):
+    def _step_down(self, slot=None):
         # Hand the reader role to a sleeping waiter, if any; once there is a
-        # router thread, to it alone (the others never read any more).
+        # router thread, to it alone (the others never read any more). With
+        # `slot`: also return its next item (_NO_ITEM if none).
         with self._lock:
             self._reading = False
             self._leader = None
@@ -209,6 +219,9 @@ class _Inbox(object):
                     self._wake(router)
             elif self._sleeping:
                 self._wake(self._sleeping[0])
+            if slot is not None and slot.queue:
+                return slot.queue.pop(0)
+        return _NO_ITEM
 
     def _wake(self, slot):
         # Called with self._lock held.

@@ -30,7 +30,7 @@ def _resolve(module, class_name, function):
 
 
 def _parse_call(data):
-    call = _decode(data)
+    call = _decode_call(data)
     if not (type(call) is tuple and len(call) == 6):
         raise StreamError('bad CALL_FUNCTION payload: expected a 6-tuple')
     chain_id, module, class_name, function, args, kwargs = call
