@@ -97,14 +97,21 @@ std::optional<wire::message> receiver::wait_until(std::optional<std::chrono::ste
     if (pred()) return pop_locked();
   }
   int fd = thread_wake_fd();
-  if (auto r = fd >= 0 ? router_.lock() : nullptr) {
-    // Read the reply ourselves if we can: one wake-up (ours) instead of two.
-    {
-      std::lock_guard lk(mu_);
+  bool lead = false;
+  if (fd >= 0) {
+    // One thread per receiver reads for it; another waiting on the same receiver
+    // waits on cv_ (both are woken by push()).
+    std::lock_guard lk(mu_);
+    lead = leader_wake_fd_ < 0;
+    if (lead) {
       leader_wake_fd_ = fd;
       leader_thread_ = std::this_thread::get_id();
     }
-    auto st = r->lead_for(*this, deadline, fd);
+  }
+  if (lead) {
+    // Read the reply ourselves if we can: one wake-up (ours) instead of two.
+    auto st = stream::lead_status::busy;
+    if (auto r = router_.lock()) st = r->lead_for(*this, deadline, fd);
     {
       std::lock_guard lk(mu_);
       leader_wake_fd_ = -1;

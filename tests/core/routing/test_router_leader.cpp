@@ -198,3 +198,17 @@ TEST_CASE("output queued on a shared-socket leader stream is flushed once the ch
   CHECK(got.handle == 4242);
   CHECK(got.data == big.data);
 }
+
+TEST_CASE("two threads waiting on one receiver: one reads, both are served", "[router][leader]") {
+  // One leads, the other waits on the condition variable; closing the receiver
+  // from a third thread must wake the one reading as well.
+  rig t(true);
+  auto once = ask(t);
+  t.child.recv();
+  auto a = std::async(std::launch::async, [&] { return once->get(30s); });
+  auto b = std::async(std::launch::async, [&] { return once->get(30s); });
+  CHECK(a.wait_for(100ms) == std::future_status::timeout);
+  once->close("closed by the test");
+  CHECK(a.get().is_dead());
+  CHECK(b.get().is_dead());
+}
