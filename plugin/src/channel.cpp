@@ -61,9 +61,9 @@ struct channel_state {
   }
 };
 
-std::mutex registry_mu;
+std::mutex channels_mu;
 /// (router, handle) -> the channel receiving there.
-std::map<std::pair<const mitogen::router*, std::uint32_t>, std::weak_ptr<channel_state>> registry;
+std::map<std::pair<const mitogen::router*, std::uint32_t>, std::weak_ptr<channel_state>> channels;
 
 thread_local grant_scope* current_scope = nullptr;
 
@@ -71,9 +71,9 @@ void grant(const std::shared_ptr<mitogen::router>& r, std::uint32_t handle, std:
   if (ctx == r->context_id()) return;
   std::shared_ptr<channel_state> st;
   {
-    std::lock_guard lk(registry_mu);
-    auto it = registry.find({r.get(), handle});
-    if (it != registry.end()) st = it->second.lock();
+    std::lock_guard lk(channels_mu);
+    auto it = channels.find({r.get(), handle});
+    if (it != channels.end()) st = it->second.lock();
   }
   if (!st) return;  // not a channel receiver (a call's reply handle, or closed)
   {
@@ -107,12 +107,12 @@ struct py_channel {
 /// weak_ptr expired), so the table stays as big as the live receivers.
 void register_channel(const mitogen::router* r, const std::shared_ptr<channel_state>& st) {
   static std::size_t inserts = 0;
-  std::lock_guard lk(registry_mu);
+  std::lock_guard lk(channels_mu);
   if (++inserts % 256 == 0) {
-    for (auto it = registry.begin(); it != registry.end();)
-      it = it->second.expired() ? registry.erase(it) : std::next(it);
+    for (auto it = channels.begin(); it != channels.end();)
+      it = it->second.expired() ? channels.erase(it) : std::next(it);
   }
-  registry[{r, st->handle}] = st;
+  channels[{r, st->handle}] = st;
 }
 
 /// A queue of integer tokens: what Select waits on. Receivers (on the broker thread),

@@ -71,8 +71,8 @@ struct py_resolver {
   }
 };
 
-std::mutex registry_mu;
-std::vector<std::weak_ptr<py_resolver>> registry;  // every live resolver, for _stop_module_resolvers()
+std::mutex resolvers_mu;
+std::vector<std::weak_ptr<py_resolver>> resolvers;  // every live resolver, for _stop_module_resolvers()
 
 /// What Router.responder holds: destroying it releases the GIL while the core
 /// responder joins its worker (which may be waiting for the GIL inside the
@@ -112,9 +112,9 @@ void register_modules(py::module_& m) {
         auto res = std::make_shared<py_resolver>();
         res->fn = std::move(resolver);
         {
-          std::lock_guard lk(registry_mu);
-          std::erase_if(registry, [](const auto& w) { return w.expired(); });
-          registry.push_back(res);
+          std::lock_guard lk(resolvers_mu);
+          std::erase_if(resolvers, [](const auto& w) { return w.expired(); });
+          resolvers.push_back(res);
         }
         auto holder = std::make_shared<live_responder>();
         holder->resolver = res;
@@ -137,8 +137,8 @@ void register_modules(py::module_& m) {
       [] {
         std::vector<std::shared_ptr<py_resolver>> all;
         {
-          std::lock_guard lk(registry_mu);
-          for (auto& w : registry)
+          std::lock_guard lk(resolvers_mu);
+          for (auto& w : resolvers)
             if (auto r = w.lock()) all.push_back(std::move(r));
         }
         for (auto& r : all) r->stop();

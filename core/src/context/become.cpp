@@ -81,24 +81,14 @@ std::vector<std::string> lowered(const std::vector<std::string>& v) {
   return out;
 }
 
-/// Quote for a POSIX shell: '...' with ' written as '\''.
-std::string sh_quote(std::string_view s) {
-  std::string out = "'";
-  for (char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
-
-std::vector<std::string> python_argv(const connect_options& o) {
-  if (!o.python_path.empty()) return o.python_path;
-  if (::access("/usr/bin/python3", X_OK) == 0) return {"/usr/bin/python3"};
-  return {"python3"};
-}
+using detail::python_argv;
+using detail::sh_quote;
 
 /// The interpreter command: python -c <stage 1 one-liner> mitogen:<name>. The
 /// one-liner survives the shell of `sudo -i` and `su -c`; the last argument puts the
 /// context's name on its command line (ps, pgrep -f).
 std::vector<std::string> python_command(const connect_options& o, const std::string& remote_name) {
-  auto argv = python_argv(o);
+  auto argv = python_argv(o.python_path);
   argv.push_back("-c");
   argv.push_back(detail::stage1_oneliner());
   argv.push_back("mitogen:" + remote_name);

@@ -12,11 +12,7 @@
 namespace mitogen {
 namespace {
 
-std::vector<std::string> python_argv(const connect_options& o) {
-  if (!o.python_path.empty()) return o.python_path;
-  if (::access("/usr/bin/python3", X_OK) == 0) return {"/usr/bin/python3"};
-  return {"python3"};
-}
+using detail::python_argv;
 
 }  // namespace
 
@@ -45,7 +41,7 @@ context local(router& r, const local_options& o) {
     preamble = std::move(custom.preamble);
     if (argv.empty()) throw stream_error(make_error_code(connect_errc::spawn_failed), "mitogen: boot_with gave no argv");
   } else {
-    argv = python_argv(o);
+    argv = python_argv(o.python_path);
     argv.push_back("-c");
     argv.push_back(detail::stage1_command());
   }

@@ -176,4 +176,21 @@ void reap_child(const std::shared_ptr<broker>& b, pid_t pid, std::chrono::millis
   (*keep)();
 }
 
+std::vector<std::string> python_argv(const std::vector<std::string>& python_path) {
+  if (!python_path.empty()) return python_path;
+  if (::access("/usr/bin/python3", X_OK) == 0) return {"/usr/bin/python3"};
+  return {"python3"};
+}
+
+std::string sh_quote(std::string_view s) {
+  std::string out = "'";
+  for (char c : s) {
+    if (c == '\'')
+      out += "'\\''";
+    else
+      out += c;
+  }
+  return out + "'";
+}
+
 }  // namespace mitogen::detail

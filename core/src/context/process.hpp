@@ -5,6 +5,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <vector>
 
@@ -41,6 +42,13 @@ struct spawned_tty : spawned {
 /// stderr stay the pipes. Closing tty_master hangs the terminal up (SIGHUP to the
 /// child), so keep it open for the child's lifetime.
 std::error_code spawn_with_tty(const std::vector<std::string>& argv, const std::string& argv0, spawned_tty& out);
+
+/// The interpreter command to start: `python_path` if given, else /usr/bin/python3 if it
+/// is executable here, else `python3` from PATH.
+std::vector<std::string> python_argv(const std::vector<std::string>& python_path);
+
+/// Quote for a POSIX shell: '...' with ' written as '\''.
+std::string sh_quote(std::string_view s);
 
 /// Reap `pid` without blocking the broker: poll waitpid for up to `grace`, then
 /// SIGKILL and reap. `done` runs on the broker thread when the child is gone;

@@ -19,17 +19,7 @@
 namespace mitogen {
 namespace {
 
-/// Quote for a POSIX shell: '...' with ' written as '\''.
-std::string sh_quote(std::string_view s) {
-  std::string out = "'";
-  for (char c : s) {
-    if (c == '\'')
-      out += "'\\''";
-    else
-      out += c;
-  }
-  return out + "'";
-}
+using detail::sh_quote;
 
 /// The command the remote login shell runs. The stage 1 one-liner is base64 inside a
 /// `-c` argument, so it survives any quoting; the name after it puts

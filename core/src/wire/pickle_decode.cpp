@@ -25,56 +25,12 @@
 #include <unordered_map>
 
 #include "mitogen/wire/pickle.hpp"
+#include "pickle_opcodes.hpp"
 
 namespace mitogen::wire {
 namespace {
 
-// Opcodes accepted (pickletools names).
-enum : std::uint8_t {
-  MARK = '(',
-  STOP = '.',
-  POP = '0',
-  POP_MARK = '1',
-  DUP = '2',
-  BINFLOAT = 'G',
-  INT = 'I',
-  BININT = 'J',
-  BININT1 = 'K',
-  BININT2 = 'M',
-  NONE = 'N',
-  REDUCE = 'R',
-  BINUNICODE = 'X',
-  EMPTY_LIST = ']',
-  APPEND = 'a',
-  BINBYTES = 'B',
-  SHORT_BINBYTES = 'C',
-  GLOBAL = 'c',
-  APPENDS = 'e',
-  BINGET = 'h',
-  LONG_BINGET = 'j',
-  BINPUT = 'q',
-  LONG_BINPUT = 'r',
-  SETITEM = 's',
-  TUPLE = 't',
-  SETITEMS = 'u',
-  EMPTY_DICT = '}',
-  EMPTY_TUPLE = ')',
-  PROTO = 0x80,
-  TUPLE1 = 0x85,
-  TUPLE2 = 0x86,
-  TUPLE3 = 0x87,
-  NEWTRUE = 0x88,
-  NEWFALSE = 0x89,
-  LONG1 = 0x8a,
-  LONG4 = 0x8b,
-  SHORT_BINUNICODE = 0x8c,
-  BINUNICODE8 = 0x8d,
-  BINBYTES8 = 0x8e,
-  STACK_GLOBAL = 0x93,
-  MEMOIZE = 0x94,
-  FRAME = 0x95,
-  BYTEARRAY8 = 0x96,
-};
+using namespace pickle_op;
 
 /// Largest LONG4 body accepted (a 524288-bit integer); bigger ones only cost CPU.
 constexpr std::size_t max_long4_len = 64 * 1024;

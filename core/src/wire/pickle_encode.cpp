@@ -7,40 +7,12 @@
 #include <limits>
 
 #include "mitogen/wire/pickle.hpp"
+#include "pickle_opcodes.hpp"
 
 namespace mitogen::wire {
 namespace {
 
-// Opcodes written by the encoder.
-constexpr char PROTO = '\x80';
-constexpr char STOP = '.';
-constexpr char NONE = 'N';
-constexpr char NEWTRUE = '\x88';
-constexpr char NEWFALSE = '\x89';
-constexpr char BININT = 'J';
-constexpr char BININT1 = 'K';
-constexpr char BININT2 = 'M';
-constexpr char LONG1 = '\x8a';
-constexpr char LONG4 = '\x8b';
-constexpr char BINFLOAT = 'G';
-constexpr char BINUNICODE = 'X';
-constexpr char BINUNICODE8 = '\x8d';
-constexpr char SHORT_BINBYTES = 'C';
-constexpr char BINBYTES = 'B';
-constexpr char BINBYTES8 = '\x8e';
-constexpr char EMPTY_LIST = ']';
-constexpr char APPEND = 'a';
-constexpr char APPENDS = 'e';
-constexpr char EMPTY_TUPLE = ')';
-constexpr char TUPLE1 = '\x85';
-constexpr char TUPLE2 = '\x86';
-constexpr char TUPLE3 = '\x87';
-constexpr char TUPLE = 't';
-constexpr char MARK = '(';
-constexpr char EMPTY_DICT = '}';
-constexpr char SETITEM = 's';
-constexpr char SETITEMS = 'u';
-constexpr char REDUCE = 'R';
+using namespace pickle_op;
 
 // CPython's pickler appends/sets items in batches of this many.
 constexpr std::size_t batch_size = 1000;
@@ -56,7 +28,7 @@ class encoder {
   }
 
  private:
-  void op(char c) { out_.push_back(c); }
+  void op(std::uint8_t c) { out_.push_back(static_cast<char>(c)); }
 
   void le32(std::uint32_t v) {
     char b[4] = {static_cast<char>(v), static_cast<char>(v >> 8), static_cast<char>(v >> 16),
@@ -307,11 +279,11 @@ std::size_t size_hint(const value& v, int depth = 0) {
 
 void encode_to(const value& v, std::string& out) {
   out.reserve(out.size() + size_hint(v) + 3);
-  out.push_back(PROTO);
+  out.push_back(static_cast<char>(PROTO));
   out.push_back('\x02');
   encoder e(out);
   e.put(v);
-  out.push_back(STOP);
+  out.push_back(static_cast<char>(STOP));
 }
 
 std::string encode(const value& v) {

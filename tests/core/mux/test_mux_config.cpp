@@ -10,7 +10,7 @@ using namespace mitogen::mux;
 
 namespace {
 
-std::string error_of(const std::string& yaml) {
+std::string yaml_error_of(const std::string& yaml) {
   try {
     parse_config(yaml, "/etc/x/mux.yaml");
   } catch (const config_error& e) {
@@ -48,17 +48,17 @@ TEST_CASE("mux config: defaults, and every setting", "[mux][config]") {
 }
 
 TEST_CASE("mux config: a bad file names the file, the line and the key", "[mux][config]") {
-  CHECK(error_of("idle_timeout: 60\nidel_timeout: 5\n") ==
+  CHECK(yaml_error_of("idle_timeout: 60\nidel_timeout: 5\n") ==
         "/etc/x/mux.yaml:2: unknown key 'idel_timeout' (known: idle_timeout, max_contexts, log_file, log_level, "
         "module_dir, connect_threads)");
-  CHECK(error_of("log_level: info\n\nidle_timeout: soon\n") ==
+  CHECK(yaml_error_of("log_level: info\n\nidle_timeout: soon\n") ==
         "/etc/x/mux.yaml:3: idle_timeout: expected a number of seconds, got 'soon'");
-  CHECK(error_of("max_contexts: 0\n") == "/etc/x/mux.yaml:1: max_contexts: 0 is out of range (1 to 1000000)");
-  CHECK(error_of("idle_timeout: -1\n").find("/etc/x/mux.yaml:1: idle_timeout:") == 0);
-  CHECK(error_of("max_contexts: [1, 2]\n") == "/etc/x/mux.yaml:1: max_contexts: expected a number of contexts, got a list");
-  CHECK(error_of("log_level: loud\n").find("/etc/x/mux.yaml:1: log_level: 'loud' is not one of") == 0);
-  CHECK(error_of("- a\n- b\n").find("/etc/x/mux.yaml:1: expected a mapping") == 0);
-  auto syntax = error_of("idle_timeout: 5\nmax_contexts: [1,\n");
+  CHECK(yaml_error_of("max_contexts: 0\n") == "/etc/x/mux.yaml:1: max_contexts: 0 is out of range (1 to 1000000)");
+  CHECK(yaml_error_of("idle_timeout: -1\n").find("/etc/x/mux.yaml:1: idle_timeout:") == 0);
+  CHECK(yaml_error_of("max_contexts: [1, 2]\n") == "/etc/x/mux.yaml:1: max_contexts: expected a number of contexts, got a list");
+  CHECK(yaml_error_of("log_level: loud\n").find("/etc/x/mux.yaml:1: log_level: 'loud' is not one of") == 0);
+  CHECK(yaml_error_of("- a\n- b\n").find("/etc/x/mux.yaml:1: expected a mapping") == 0);
+  auto syntax = yaml_error_of("idle_timeout: 5\nmax_contexts: [1,\n");
   CHECK(syntax.find("/etc/x/mux.yaml:") == 0);
   CHECK(syntax.find("YAML syntax error") != std::string::npos);
 }
