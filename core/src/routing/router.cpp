@@ -578,13 +578,18 @@ void router::finish_shutdown_if_idle() {
 }
 
 void router::shutdown() {
-  if (shut_down_.load()) return;
+  // Refuse new work at once: a call made after shutdown() returned must fail, even
+  // though the children are told (and the waiters released) on the broker thread.
+  // A caller reading its own reply would otherwise get it before the broker got
+  // there.
+  if (shut_down_.exchange(true)) return;
   auto self = shared_from_this();
-  if (!broker_->defer([self] { self->shutdown_on_broker([] {}); })) shut_down_.store(true);
+  broker_->defer([self] { self->shutdown_on_broker([] {}); });  // a stopped broker has nothing left
 }
 
 void router::shutdown_on_broker(std::function<void()> done) {
-  if (shut_down_.exchange(true)) {
+  shut_down_.store(true);
+  if (shutdown_begun_.exchange(true)) {
     // Already shut down by the user: finish when the remaining teardowns do.
     {
       std::lock_guard lk(gone_mu_);

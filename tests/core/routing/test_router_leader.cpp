@@ -212,3 +212,21 @@ TEST_CASE("two threads waiting on one receiver: one reads, both are served", "[r
   CHECK(a.get().is_dead());
   CHECK(b.get().is_dead());
 }
+
+TEST_CASE("after router::shutdown() returns, a call is refused, not sent", "[router][leader]") {
+  // The children are told and the waiters released on the broker thread (held
+  // here), but new work is refused at once: otherwise a caller reading its own
+  // reply could still get one from a child that has not heard of the shutdown.
+  rig t(true);
+  broker_block block(*t.b);
+  t.r->shutdown();
+  CHECK(t.r->is_shut_down());
+  auto rx = ask(t);
+  char byte;
+  CHECK(::recv(t.child.fd, &byte, 1, MSG_DONTWAIT) == -1);  // route() sent nothing
+  CHECK(errno == EAGAIN);
+  block.open();
+  auto m = rx->get(10s);
+  CHECK(m.is_dead());
+  CHECK(m.data.find("shut down") != std::string::npos);
+}

@@ -240,7 +240,8 @@ class router : public std::enable_shared_from_this<router> {
   std::uint32_t parent_id_ = 0;
   std::atomic<std::uint32_t> next_id_{1};
   std::atomic<std::uint32_t> next_handle_{wire::first_dynamic_handle};
-  std::atomic<bool> shut_down_{false};
+  std::atomic<bool> shut_down_{false};      ///< no new work: set by shutdown() at once
+  std::atomic<bool> shutdown_begun_{false};  ///< shutdown_on_broker() ran (broker thread)
   std::atomic<bool> unidirectional_{false};
   std::uint64_t hook_id_ = 0;
 
