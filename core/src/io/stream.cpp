@@ -422,6 +422,8 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
       if (close_read_fd_) break;  // closed under us: the broker releases the waiters
     }
   }
+  // Before stepping down: from then on the broker may be using the parser.
+  if (bad) close(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
   bool rearm = false;
   {
     // Step down: the broker watches again (and, if input is waiting, reads it now).
@@ -439,7 +441,6 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
   // The broker was woken while we led (a hang-up) and did not wait again, so as not
   // to spin on a descriptor only we read: it waits again now, and sees the hang-up.
   if (rearm) broker_->defer([self = shared_from_this()] { self->do_read(); });
-  if (bad) close(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
   return st;
 }
 
