@@ -445,6 +445,7 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
 }
 
 void stream::watch_input_locked(std::uint32_t events) {
+  if (!read_set_open_) return;  // closed (close_on_broker)
   epoll_event ev{};
   ev.events = events;
   ev.data.fd = read_fd_;
@@ -505,16 +506,24 @@ void stream::close_on_broker(std::error_code reason, std::string detail) {
     queue_.clear();
     queued_ = 0;
     boost::system::error_code ignored;
-    rd_.cancel(ignored);
-    rd_.close(ignored);
+    if (read_set_ < 0) {
+      rd_.cancel(ignored);
+      rd_.close(ignored);
+    }
     if (wr_) {
       wr_->cancel(ignored);
       wr_->close(ignored);
     }
   }
   if (read_set_ >= 0) {
+    // Under rmu_: a leader changes the set (watch_input_locked) under it too, so the
+    // set's number is never closed, and reused, under it.
     std::lock_guard lk(rmu_);
     reading_ = false;
+    boost::system::error_code ignored;
+    rd_.cancel(ignored);
+    rd_.close(ignored);
+    read_set_open_ = false;
     close_read_fd_locked();
   }
   drained_.notify_all();

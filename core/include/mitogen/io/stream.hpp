@@ -167,6 +167,7 @@ class stream : public std::enable_shared_from_this<stream> {
   bool broker_woken_ = false;   ///< read_ready() ran meanwhile and did not wait again
   int leader_wake_fd_ = -1;     ///< the leader's wake descriptor
   bool read_fd_open_ = true;    ///< read_fd_ still ours to close (leader_reads)
+  bool read_set_open_ = true;   ///< read_set_ (rd_) not yet closed
   bool close_read_fd_ = false;  ///< closed while leading: the leader closes read_fd_
   std::atomic<int> handed_over_{0};  ///< frames handed to the broker, not yet dispatched
 };
