@@ -445,7 +445,6 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
 }
 
 void stream::watch_input_locked(std::uint32_t events) {
-  if (!read_set_open_) return;  // closed (close_on_broker)
   epoll_event ev{};
   ev.events = events;
   ev.data.fd = read_fd_;
@@ -523,8 +522,7 @@ void stream::close_on_broker(std::error_code reason, std::string detail) {
     boost::system::error_code ignored;
     rd_.cancel(ignored);
     rd_.close(ignored);
-    read_set_open_ = false;
-    close_read_fd_locked();
+    close_read_fd_locked();  // clears read_fd_open_: the set is gone with it
   }
   drained_.notify_all();
   if (auto fn = std::move(on_disconnect_)) {

@@ -130,7 +130,8 @@ class stream : public std::enable_shared_from_this<stream> {
   void close_on_broker(std::error_code reason, std::string detail);
   /// Hand a frame the leader read to the broker, to run on_message there in order.
   void hand_over(wire::message&& m);
-  /// What read_set_ reports of read_fd_: EPOLLIN, or 0 while a caller leads (rmu_ held).
+  /// What read_set_ reports of read_fd_: EPOLLIN, or 0 while a caller leads (rmu_ held,
+  /// read_fd_open_ true: close_on_broker closes the set and clears it in one locked step).
   void watch_input_locked(std::uint32_t events);
   /// Close read_fd_ now, or when the leader steps down (rmu_ held).
   void close_read_fd_locked();
@@ -167,7 +168,6 @@ class stream : public std::enable_shared_from_this<stream> {
   bool broker_woken_ = false;   ///< read_ready() ran meanwhile and did not wait again
   int leader_wake_fd_ = -1;     ///< the leader's wake descriptor
   bool read_fd_open_ = true;    ///< read_fd_ still ours to close (leader_reads)
-  bool read_set_open_ = true;   ///< read_set_ (rd_) not yet closed
   bool close_read_fd_ = false;  ///< closed while leading: the leader closes read_fd_
   std::atomic<int> handed_over_{0};  ///< frames handed to the broker, not yet dispatched
 };
