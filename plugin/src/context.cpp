@@ -163,7 +163,7 @@ py::object call(const py_context& c, const py::args& args, const py::kwargs& kw)
   {
     // One GIL release for send + the first wait slice: most calls end here.
     nogil g;
-    rx = c.ctx.call_async(std::move(spec));
+    rx = c.ctx.call_async(std::move(spec), /*wait_here=*/true);
     m = rx->get_for(signal_poll);
   }
   if (!m) m = wait_message(*rx, std::nullopt);

@@ -176,9 +176,11 @@ _SIZED_TYPES = frozenset([str, bytes, bytearray, Blob, Secret])
 def _encode(obj):
     """Pickle `obj` for the wire; StreamError names a refused type. Returns
     bytes or a memoryview."""
-    _check_value(obj)
     t = type(obj)
-    if t in _SCALAR_TYPES or (t in _SIZED_TYPES and len(obj) < 65536):
+    if t in _SCALAR_TYPES:      # leaves: nothing to check
+        return _pickle_mod.dumps(obj, _PICKLE_PROTOCOL)
+    _check_value(obj)
+    if t in _SIZED_TYPES and len(obj) < 65536:
         return _pickle_mod.dumps(obj, _PICKLE_PROTOCOL)
     # dumps() copies every bytes value into a growing buffer: ~1 ms per MiB of
     # fresh pages. A Pickler writing to BytesIO hands big values over by

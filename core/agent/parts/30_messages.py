@@ -58,8 +58,11 @@ def _send(dst_id, handle, data, reply_to=0):
     header = _HEADER.pack(HEADER_MAGIC, dst_id, context_id, context_id,
                           handle, reply_to, len(data))
     # While exiting, never wait long for a writer that may be stuck.
-    if not _write_lock.acquire(True, 0.5 if _exiting else -1):
-        os._exit(0)
+    if _exiting:
+        if not _write_lock.acquire(True, 0.5):
+            os._exit(0)
+    else:
+        _write_lock.acquire()
     parent_gone = False
     try:
         if len(data) < _READ_SIZE:

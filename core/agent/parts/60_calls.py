@@ -74,10 +74,10 @@ def _run_call(msg):
 
 
 def _serve():
-    main = _inbox.main
+    next_call = _inbox.next_call
     while True:
-        msg = _inbox.wait(main)
-        if msg.is_dead:
+        msg = next_call()
+        if msg.reply_to == IS_DEAD:
             continue
         if msg.handle == CALL_FUNCTION:
             _run_call(msg)

@@ -43,16 +43,17 @@ wire::message context::make_call(call_spec spec) const {
   return m;
 }
 
-std::shared_ptr<receiver> context::send_async(wire::message m) const {
+std::shared_ptr<receiver> context::send_async(wire::message m, bool wait_here) const {
   auto rx = router_->make_receiver(id_, /*persist=*/false);
   m.dst_id = id_;
   m.reply_to = rx->handle();
+  if (wait_here) rx->lead_first();
   router_->route(std::move(m));
   return rx;
 }
 
-std::shared_ptr<receiver> context::call_async(call_spec spec) const {
-  return send_async(make_call(std::move(spec)));
+std::shared_ptr<receiver> context::call_async(call_spec spec, bool wait_here) const {
+  return send_async(make_call(std::move(spec)), wait_here);
 }
 
 wire::value context::result(const wire::message& m) const {
@@ -66,7 +67,7 @@ wire::value context::result(const wire::message& m) const {
 }
 
 wire::value context::call(call_spec spec, std::optional<std::chrono::steady_clock::duration> timeout) const {
-  auto rx = call_async(std::move(spec));
+  auto rx = call_async(std::move(spec), /*wait_here=*/true);
   return result(rx->get(timeout));
 }
 

@@ -356,20 +356,23 @@ void stream::parse_frames(std::span<const std::uint8_t> in) {
 
 // ------------------------------------------------------------ leader/follower
 
+bool stream::begin_lead(int wake_fd) {
+  if (read_set_ < 0 || broker_->on_broker_thread()) return false;
+  std::lock_guard lk(rmu_);
+  if (leader_ || reading_ || !framed_ || !read_fd_open_ || handed_over_.load() > 0 || closed()) return false;
+  leader_ = true;
+  leader_wake_fd_ = wake_fd;
+  // From now on the broker is not woken by this stream's input (only by an error
+  // or hang-up, which epoll always reports: read_ready() then leaves it to us).
+  // MOD, not DEL and ADD: no allocation per call.
+  watch_input_locked(0);
+  return true;
+}
+
 stream::lead_status stream::lead(const take_fn& take, const std::function<bool()>& done,
-                                 std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd) {
-  if (read_set_ < 0 || broker_->on_broker_thread()) return lead_status::busy;
-  {
-    std::lock_guard lk(rmu_);
-    if (leader_ || reading_ || !framed_ || !read_fd_open_ || handed_over_.load() > 0 || closed())
-      return lead_status::busy;
-    leader_ = true;
-    leader_wake_fd_ = wake_fd;
-    // From now on the broker is not woken by this stream's input (only by an error
-    // or hang-up, which epoll always reports: read_ready() then leaves it to us).
-    // MOD, not DEL and ADD: no allocation per call.
-    watch_input_locked(0);
-  }
+                                 std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd,
+                                 bool begun) {
+  if (!begun && !begin_lead(wake_fd)) return lead_status::busy;
   // A smaller buffer than the broker's: every thread that ever waits keeps one.
   const std::size_t chunk = std::min<std::size_t>(opts_.read_chunk, 64u * 1024u);
   char* buf = read_scratch(chunk);
@@ -424,6 +427,11 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
   }
   // Before stepping down: from then on the broker may be using the parser.
   if (bad) close(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
+  end_lead();
+  return st;
+}
+
+void stream::end_lead() {
   bool rearm = false;
   {
     // Step down: the broker watches again (and, if input is waiting, reads it now).
@@ -441,7 +449,6 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
   // The broker was woken while we led (a hang-up) and did not wait again, so as not
   // to spin on a descriptor only we read: it waits again now, and sees the hang-up.
   if (rearm) broker_->defer([self = shared_from_this()] { self->do_read(); });
-  return st;
 }
 
 void stream::watch_input_locked(std::uint32_t events) {

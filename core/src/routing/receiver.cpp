@@ -30,7 +30,28 @@ void poke(int fd) {
 }  // namespace
 
 receiver::~receiver() {
+  if (led_) led_->end_lead();  // lead_first() without a wait
   if (auto r = router_.lock()) r->del_handler(handle_);
+}
+
+void receiver::lead_first() {
+  int fd = thread_wake_fd();
+  if (fd < 0) return;
+  {
+    std::lock_guard lk(mu_);
+    if (leader_wake_fd_ >= 0) return;
+    leader_wake_fd_ = fd;
+    leader_thread_ = std::this_thread::get_id();
+  }
+  std::shared_ptr<stream> s;
+  if (auto r = router_.lock()) s = r->begin_lead_for(*this, fd);
+  std::lock_guard lk(mu_);
+  if (s) {
+    led_ = std::move(s);
+  } else {
+    leader_wake_fd_ = -1;
+    leader_thread_ = {};
+  }
 }
 
 void receiver::push(wire::message&& m) {
@@ -92,26 +113,41 @@ bool receiver::ready() {
 
 std::optional<wire::message> receiver::wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) {
   auto pred = [&] { return !q_.empty() || dead_.has_value(); };
+  // This thread's lead_first(), if any: it leads already.
+  std::shared_ptr<stream> begun;
+  int fd = -1;
+  bool lead = false;
   {
     std::unique_lock lk(mu_);
-    if (pred()) return pop_locked();
+    if (led_ && leader_thread_ == std::this_thread::get_id()) {
+      begun = std::move(led_);
+      fd = leader_wake_fd_;
+      lead = true;
+    } else if (pred()) {
+      return pop_locked();
+    }
   }
-  int fd = thread_wake_fd();
-  bool lead = false;
-  if (fd >= 0) {
-    // One thread per receiver reads for it; another waiting on the same receiver
-    // waits on cv_ (both are woken by push()).
-    std::lock_guard lk(mu_);
-    lead = leader_wake_fd_ < 0;
-    if (lead) {
-      leader_wake_fd_ = fd;
-      leader_thread_ = std::this_thread::get_id();
+  if (!begun) {
+    fd = thread_wake_fd();
+    if (fd >= 0) {
+      // One thread per receiver reads for it; another waiting on the same receiver
+      // waits on cv_ (both are woken by push()).
+      std::lock_guard lk(mu_);
+      lead = leader_wake_fd_ < 0;
+      if (lead) {
+        leader_wake_fd_ = fd;
+        leader_thread_ = std::this_thread::get_id();
+      }
     }
   }
   if (lead) {
     // Read the reply ourselves if we can: one wake-up (ours) instead of two.
     auto st = stream::lead_status::busy;
-    if (auto r = router_.lock()) st = r->lead_for(*this, deadline, fd);
+    if (auto r = router_.lock()) {
+      st = r->lead_for(*this, deadline, fd, std::move(begun));
+    } else if (begun) {
+      begun->end_lead();
+    }
     {
       std::lock_guard lk(mu_);
       leader_wake_fd_ = -1;

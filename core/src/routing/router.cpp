@@ -242,42 +242,57 @@ bool router::deliver_reply_here(wire::message& m) {
   return true;
 }
 
-stream::lead_status router::lead_for(receiver& rx, std::optional<std::chrono::steady_clock::time_point> deadline,
-                                     int wake_fd) {
-  using st = stream::lead_status;
-  const std::uint32_t handle = rx.handle();
-  std::uint32_t want = 0;
+std::optional<router::lead_plan> router::plan_lead(const receiver& rx) {
+  lead_plan p;
   {
     std::lock_guard lk(handlers_mu_);
-    auto it = handlers_.find(handle);
-    if (it == handlers_.end() || it->second.persist || it->second.policy || !it->second.respondent) return st::busy;
-    want = *it->second.respondent;
+    auto it = handlers_.find(rx.handle());
+    if (it == handlers_.end() || it->second.persist || it->second.policy || !it->second.respondent)
+      return std::nullopt;
+    p.want = *it->second.respondent;
   }
-  if (want == my_id_ || shut_down_.load()) return st::busy;
-  std::shared_ptr<stream> s;
-  std::uint32_t from = 0;
-  if (auto r = table_->route_of(want)) {
-    if (r->trusted) return st::busy;  // a client's frames get our authority: the broker's path
-    s = r->s;
-    from = r->via;
+  if (p.want == my_id_ || shut_down_.load()) return std::nullopt;
+  if (auto r = table_->route_of(p.want)) {
+    if (r->trusted) return std::nullopt;  // a client's frames get our authority: the broker's path
+    p.s = r->s;
+    p.from = r->via;
   } else if (parent_ && table_->contains(parent_id_)) {
-    s = parent_;
-    from = parent_id_;
+    p.s = parent_;
+    p.from = parent_id_;
   }
-  if (!s) return st::busy;
-  const bool via_parent = parent_ && from == parent_id_;
+  if (!p.s) return std::nullopt;
+  p.via_parent = parent_ && p.from == parent_id_;
+  return p;
+}
+
+std::shared_ptr<stream> router::begin_lead_for(const receiver& rx, int wake_fd) {
+  auto p = plan_lead(rx);
+  if (!p || !p->s->begin_lead(wake_fd)) return nullptr;
+  return std::move(p->s);
+}
+
+stream::lead_status router::lead_for(receiver& rx, std::optional<std::chrono::steady_clock::time_point> deadline,
+                                     int wake_fd, std::shared_ptr<stream> begun) {
+  using st = stream::lead_status;
+  auto p = plan_lead(rx);
+  if (!p || (begun && begun != p->s)) {
+    // The route changed since begin_lead_for(): step down, wait as usual.
+    if (begun) begun->end_lead();
+    return st::busy;
+  }
+  const std::uint32_t handle = rx.handle();
   // The checks on_stream_message()/on_parent_message() make, for the one frame we
   // take; every other frame goes to the broker, which makes them all.
   auto take = [&](wire::message& m) {
-    if (m.dst_id != my_id_ || m.handle != handle || m.src_id != want) return false;
-    if (via_parent) {
+    if (m.dst_id != my_id_ || m.handle != handle || m.src_id != p->want) return false;
+    if (p->via_parent) {
       if (m.auth_id == my_id_) return false;
-    } else if (!table_->speaks_for(from, m.src_id) || !table_->speaks_for(from, m.auth_id)) {
+    } else if (!table_->speaks_for(p->from, m.src_id) || !table_->speaks_for(p->from, m.auth_id)) {
       return false;
     }
     return deliver_reply_here(m);
   };
-  return s->lead(take, [&] { return rx.ready(); }, deadline, wake_fd);
+  return p->s->lead(take, [&] { return rx.ready(); }, deadline, wake_fd, begun != nullptr);
 }
 
 void router::on_parent_message(wire::message&& m) {

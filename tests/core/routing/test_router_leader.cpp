@@ -119,6 +119,54 @@ TEST_CASE("a caller's timeout while it reads leaves the stream working", "[route
   CHECK(rx->get(10s).data == "late");
 }
 
+TEST_CASE("a caller that leads first reads a reply sent before it waits", "[router][leader]") {
+  // receiver::lead_first(): the stream leaves the broker's sight before the request
+  // goes out, so a reply quicker than the caller's next step is not the broker's.
+  rig t(true);
+  auto rx = t.r->make_receiver(t.id, false);
+  rx->lead_first();
+  wire::message m;
+  m.dst_id = t.id;
+  m.handle = wire::CALL_FUNCTION;
+  m.reply_to = rx->handle();
+  t.r->route(m);
+  t.child.send(t.reply_to(t.child.recv(), "quick"));
+  // The broker is idle and would have read and delivered it by now; it does not
+  // watch the stream, so the reply waits in the socket for the caller.
+  std::this_thread::sleep_for(300ms);
+  CHECK(rx->size() == 0);
+  CHECK(rx->get(10s).data == "quick");
+  // Stepped down: a frame nobody waits for reaches the broker again.
+  auto other = t.r->make_receiver(t.id, true);
+  wire::message a;
+  a.dst_id = 0;
+  a.src_id = a.auth_id = t.id;
+  a.handle = other->handle();
+  a.data = "for the broker";
+  t.child.send(a);
+  CHECK(other->get(10s).data == "for the broker");
+}
+
+TEST_CASE("a receiver dropped after leading first gives the stream back to the broker", "[router][leader]") {
+  rig t(true);
+  {
+    auto rx = t.r->make_receiver(t.id, false);
+    rx->lead_first();
+  }  // never waited on
+  auto other = t.r->make_receiver(t.id, true);
+  wire::message a;
+  a.dst_id = 0;
+  a.src_id = a.auth_id = t.id;
+  a.handle = other->handle();
+  a.data = "for the broker";
+  t.child.send(a);
+  CHECK(other->get(10s).data == "for the broker");
+  // And a later caller can lead again.
+  auto rx = ask(t);
+  t.child.send(t.reply_to(t.child.recv(), "again"));
+  CHECK(rx->get(10s).data == "again");
+}
+
 TEST_CASE("a child closing its end releases the caller reading it", "[router][leader]") {
   rig t(true);
   auto rx = ask(t);

@@ -43,9 +43,12 @@ class context {
 
   /// Send a call; the receiver gets exactly one reply (or a dead message if the
   /// context disconnects first). Any thread.
-  std::shared_ptr<receiver> call_async(call_spec spec) const;
+  /// `wait_here`: the calling thread waits for the reply next, so it starts reading
+  /// for it before the call goes out (receiver::lead_first); any other thread may
+  /// still wait on the receiver.
+  std::shared_ptr<receiver> call_async(call_spec spec, bool wait_here = false) const;
   /// Send `m` (a prepared call) and return the receiver for its reply.
-  std::shared_ptr<receiver> send_async(wire::message m) const;
+  std::shared_ptr<receiver> send_async(wire::message m, bool wait_here = false) const;
   /// Blocking call; see reply_value() for what it throws. `timeout` bounds the wait
   /// (timeout_error), it does not cancel the remote call.
   wire::value call(call_spec spec,

@@ -106,8 +106,20 @@ class stream : public std::enable_shared_from_this<stream> {
   /// dispatched). A write to `wake_fd` (an eventfd; -1: none) makes it check `done()`
   /// again. Never closes the stream itself: on EOF or an error it steps down and the
   /// broker, watching again, finds out.
+  ///
+  /// `begun`: begin_lead() already succeeded on this thread; lead() goes on from there.
   lead_status lead(const take_fn& take, const std::function<bool()>& done,
-                   std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd);
+                   std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd,
+                   bool begun = false);
+  /// lead() in steps: take this stream out of the broker's sight now, before the
+  /// request whose reply the thread will wait for goes out (a reply quicker than the
+  /// next few instructions would otherwise wake the broker, which then wakes the
+  /// caller: one wake-up more, every time on one CPU). False when it cannot lead
+  /// (as lead()). Every true must be followed, on this thread, by lead(..., true) or
+  /// end_lead().
+  bool begin_lead(int wake_fd);
+  /// Step down: the broker watches this stream again.
+  void end_lead();
 
   /// True once close() was called (or the stream closed by itself).
   bool closed() const;

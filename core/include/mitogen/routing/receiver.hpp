@@ -15,6 +15,7 @@
 namespace mitogen {
 
 class router;
+class stream;
 
 /// Created by router::make_receiver(). The router's broker thread pushes messages;
 /// any thread may get(). Destroying the receiver removes its handler.
@@ -37,6 +38,13 @@ class receiver {
   /// passes first. For callers that wait in slices (to run signal handlers between
   /// them): an expected outcome is not an exception.
   std::optional<wire::message> get_for(std::chrono::steady_clock::duration timeout);
+
+  /// Call on the thread that waits for this receiver's reply next, before the request
+  /// goes out: that thread starts reading the reply's stream now (router::
+  /// begin_lead_for), so that a reply quicker than the send's return cannot wake the
+  /// broker first. Its next get()/get_for() goes on from there; if it never waits,
+  /// the destructor steps down. Does nothing where the thread could not lead anyway.
+  void lead_first();
 
   /// Non-blocking: the next message if one is queued.
   std::optional<wire::message> try_get();
@@ -79,6 +87,8 @@ class receiver {
   /// other thread (guarded by mu_, so the descriptor stays open while poked).
   int leader_wake_fd_ = -1;
   std::thread::id leader_thread_;
+  /// lead_first()'s stream, until leader_thread_ waits (or the receiver goes).
+  std::shared_ptr<stream> led_;
 };
 
 }  // namespace mitogen
