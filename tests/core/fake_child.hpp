@@ -54,12 +54,15 @@ struct rig : router_rig {
   std::uint32_t id = 0;
 
   /// `leader_reads`: callers waiting for this child's replies read them themselves.
-  explicit rig(bool leader_reads = false) {
+  /// `max_queued`: the stream's max_queued_bytes (0: the default).
+  explicit rig(bool leader_reads = false, std::size_t max_queued = 0) {
     int sv[2];
     REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     child.fd = sv[1];
     id = r->allocate_id();
-    s = stream::create(b, sv[0], sv[0], {.name = "fake", .leader_reads = leader_reads});
+    stream_options opts{.name = "fake", .leader_reads = leader_reads};
+    if (max_queued) opts.max_queued_bytes = max_queued;
+    s = stream::create(b, sv[0], sv[0], std::move(opts));
     r->add_route(id, "fake", s);
     s->start();
   }

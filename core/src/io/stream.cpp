@@ -166,6 +166,14 @@ bool stream::enqueue(std::string head, std::string body) {
     broker_->defer([self = shared_from_this()] { self->arm_write(); });
   }
   if (queued_ > opts_.max_queued_bytes && !broker_->on_broker_thread()) {
+    if (leader_thread_.load() == std::this_thread::get_id()) {
+      // This thread leads (receiver::lead_first): while it waits here nobody would
+      // read what the child sends, and a child blocked writing may never read our
+      // output either. Step down (rmu_ comes before wmu_); lead() begins again.
+      lk.unlock();
+      end_lead();
+      lk.lock();
+    }
     drained_.wait(lk, [&] { return closed_ || closing_ || queued_ <= opts_.max_queued_bytes / 2; });
     if (closed_ || closing_) return false;
   }
@@ -362,6 +370,7 @@ bool stream::begin_lead(int wake_fd) {
   if (leader_ || reading_ || !framed_ || !read_fd_open_ || handed_over_.load() > 0 || closed()) return false;
   leader_ = true;
   leader_wake_fd_ = wake_fd;
+  leader_thread_.store(std::this_thread::get_id());
   // From now on the broker is not woken by this stream's input (only by an error
   // or hang-up, which epoll always reports: read_ready() then leaves it to us).
   // MOD, not DEL and ADD: no allocation per call.
@@ -372,6 +381,10 @@ bool stream::begin_lead(int wake_fd) {
 stream::lead_status stream::lead(const take_fn& take, const std::function<bool()>& done,
                                  std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd,
                                  bool begun) {
+  if (begun) {
+    std::lock_guard lk(rmu_);
+    begun = leader_ && leader_thread_.load() == std::this_thread::get_id();
+  }
   if (!begun && !begin_lead(wake_fd)) return lead_status::busy;
   // A smaller buffer than the broker's: every thread that ever waits keeps one.
   const std::size_t chunk = std::min<std::size_t>(opts_.read_chunk, 64u * 1024u);
@@ -431,13 +444,15 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
   return st;
 }
 
-void stream::end_lead() {
+void stream::end_lead(std::thread::id owner) {
   bool rearm = false;
   {
     // Step down: the broker watches again (and, if input is waiting, reads it now).
     std::lock_guard lk(rmu_);
+    if (!leader_ || leader_thread_.load() != owner) return;  // stepped down already
     leader_ = false;
     leader_wake_fd_ = -1;
+    leader_thread_.store(std::thread::id());
     if (close_read_fd_) {
       close_read_fd_ = false;
       ::close(read_fd_);

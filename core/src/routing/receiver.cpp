@@ -30,7 +30,7 @@ void poke(int fd) {
 }  // namespace
 
 receiver::~receiver() {
-  if (led_) led_->end_lead();  // lead_first() without a wait
+  if (led_) led_->end_lead(leader_thread_);  // lead_first() without a wait
   if (auto r = router_.lock()) r->del_handler(handle_);
 }
 

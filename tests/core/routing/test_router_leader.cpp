@@ -147,6 +147,34 @@ TEST_CASE("a caller that leads first reads a reply sent before it waits", "[rout
   CHECK(broker_reads(t));
 }
 
+TEST_CASE("a caller that leads first and waits for its output to drain lets the broker read", "[router][leader]") {
+  // Its request is over the stream's output limit: the send waits for the child to
+  // read. A child that is itself writing (output, a log) would never read if nobody
+  // read it: the waiting sender steps down, and the broker reads meanwhile.
+  rig t(true, 64 * 1024);
+  auto rx = t.r->make_receiver(t.id, false);
+  auto caller = std::async(std::launch::async, [&] {
+    rx->lead_first();
+    wire::message m;
+    m.dst_id = t.id;
+    m.handle = wire::CALL_FUNCTION;
+    m.reply_to = rx->handle();
+    m.data.assign(4 * 1024 * 1024, 'x');
+    t.r->route(std::move(m));  // waits until the child has read most of it
+    return rx->get(30s);
+  });
+  // The request is queued beyond the limit: the caller waits in route().
+  auto until = std::chrono::steady_clock::now() + 10s;
+  while (t.s->queued_bytes() <= 64 * 1024 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  REQUIRE(t.s->queued_bytes() > 64 * 1024);
+  CHECK(broker_reads(t));
+  auto req = t.child.recv();  // drains the request
+  CHECK(req.data.size() == 4 * 1024 * 1024);
+  t.child.send(t.reply_to(req, "done"));
+  CHECK(caller.get().data == "done");
+}
+
 TEST_CASE("a receiver dropped after leading first gives the stream back to the broker", "[router][leader]") {
   rig t(true);
   {

@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <vector>
 
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -107,7 +108,10 @@ class stream : public std::enable_shared_from_this<stream> {
   /// again. Never closes the stream itself: on EOF or an error it steps down and the
   /// broker, watching again, finds out.
   ///
-  /// `begun`: begin_lead() already succeeded on this thread; lead() goes on from there.
+  /// `begun`: begin_lead() succeeded on this thread; lead() goes on from there (or
+  /// begins again if this thread has stepped down meanwhile: a send that waited for
+  /// the output queue to drain steps its thread down first, so that the broker reads
+  /// what the child sends while it waits).
   lead_status lead(const take_fn& take, const std::function<bool()>& done,
                    std::optional<std::chrono::steady_clock::time_point> deadline, int wake_fd,
                    bool begun = false);
@@ -118,8 +122,8 @@ class stream : public std::enable_shared_from_this<stream> {
   /// (as lead()). Every true must be followed, on this thread, by lead(..., true) or
   /// end_lead().
   bool begin_lead(int wake_fd);
-  /// Step down: the broker watches this stream again.
-  void end_lead();
+  /// Step down, if `owner` still leads: the broker watches this stream again.
+  void end_lead(std::thread::id owner = std::this_thread::get_id());
 
   /// True once close() was called (or the stream closed by itself).
   bool closed() const;
@@ -179,6 +183,9 @@ class stream : public std::enable_shared_from_this<stream> {
   bool leader_ = false;         ///< a thread is leading (read_set_ not watching input)
   bool broker_woken_ = false;   ///< read_ready() ran meanwhile and did not wait again
   int leader_wake_fd_ = -1;     ///< the leader's wake descriptor
+  /// The leading thread (written under rmu_; read without it by enqueue(), where a
+  /// leader about to wait for its own output to drain steps down first).
+  std::atomic<std::thread::id> leader_thread_{};
   bool read_fd_open_ = true;    ///< read_fd_ still ours to close (leader_reads)
   bool close_read_fd_ = false;  ///< closed while leading: the leader closes read_fd_
   std::atomic<int> handed_over_{0};  ///< frames handed to the broker, not yet dispatched
