@@ -86,8 +86,13 @@ std::optional<double> seconds_option(const char* name, const py::object& v);
 wire::value to_wire(py::handle o, const char* root);
 /// Positional arguments args[first:] as a wire tuple. GIL held.
 wire::tuple args_to_wire(const py::args& args, std::size_t first);
+/// The `n` positional arguments at `items` (a vectorcall's) as a wire tuple. GIL held.
+wire::tuple args_to_wire(PyObject* const* items, std::size_t n);
 /// Keyword arguments as Kwargs. GIL held.
 wire::kwargs kwargs_to_wire(const py::kwargs& kw);
+/// A vectorcall's keyword arguments (names in `kwnames`, a tuple or null; values at
+/// `values`) as Kwargs. GIL held.
+wire::kwargs kwargs_to_wire(PyObject* kwnames, PyObject* const* values);
 /// wire -> Python; contexts in `v` are bound to `router` (a Python Router). GIL held.
 py::object from_wire(wire::value&& v, const py::object& router);
 

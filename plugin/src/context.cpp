@@ -126,10 +126,12 @@ void describe_fn(PyObject* fn, mitogen::call_spec& spec) {
   spec.function = std::move(*name);
 }
 
-mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const char* method, const py_context& dst) {
-  if (args.empty()) throw py::type_error(std::string(method) + "() missing the function to call");
+/// A call's spec: where `fn` is found, the arguments `convert` sets, and the grants
+/// for the Senders among them. GIL held.
+template <class Convert>
+mitogen::call_spec spec_for(PyObject* fn, const char* method, const py_context& dst, Convert&& convert) {
   mitogen::call_spec spec;
-  describe_fn(PySequence_Fast_ITEMS(args.ptr())[0], spec);
+  describe_fn(fn, spec);
   // For enable_debug()'s log (the check keeps the call path free of formatting).
   if (spdlog::default_logger_raw()->should_log(spdlog::level::debug))
     spdlog::debug("mitogen: {} {}.{}{}() in context {} ({})", method, spec.module,
@@ -137,10 +139,28 @@ mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const c
                   dst.ctx.name());
   // Senders of ours among the arguments let `dst` send to their handles (channels).
   grant_scope grants;
-  spec.args = args_to_wire(args, 1);
-  spec.kwargs = kwargs_to_wire(kw);
+  convert(spec);
   grants.apply(dst.ctx.id());
   return spec;
+}
+
+/// A call's spec from a vectorcall: args[0] is the function, args[1:nargs] its
+/// positional arguments, then the values of the keywords named in `kwnames`.
+mitogen::call_spec make_spec(PyObject* const* args, std::size_t nargs, PyObject* kwnames, const char* method,
+                             const py_context& dst) {
+  if (nargs == 0) throw py::type_error(std::string(method) + "() missing the function to call");
+  return spec_for(args[0], method, dst, [&](mitogen::call_spec& spec) {
+    spec.args = args_to_wire(args + 1, nargs - 1);
+    spec.kwargs = kwargs_to_wire(kwnames, args + nargs);
+  });
+}
+
+mitogen::call_spec make_spec(const py::args& args, const py::kwargs& kw, const char* method, const py_context& dst) {
+  if (args.empty()) throw py::type_error(std::string(method) + "() missing the function to call");
+  return spec_for(PySequence_Fast_ITEMS(args.ptr())[0], method, dst, [&](mitogen::call_spec& spec) {
+    spec.args = args_to_wire(args, 1);
+    spec.kwargs = kwargs_to_wire(kw);
+  });
 }
 
 /// Replies above this size are decoded without the GIL (a 1 MiB copy is ~100 us).
@@ -156,8 +176,7 @@ py::object result_of(const py_context& c, const wire::message& m) {
   return from_wire(std::move(*v), c.router);
 }
 
-py::object call(const py_context& c, const py::args& args, const py::kwargs& kw) {
-  mitogen::call_spec spec = make_spec(args, kw, "call", c);
+py::object call_spec_now(const py_context& c, mitogen::call_spec spec) {
   std::shared_ptr<mitogen::receiver> rx;
   std::optional<wire::message> m;
   {
@@ -169,6 +188,38 @@ py::object call(const py_context& c, const py::args& args, const py::kwargs& kw)
   if (!m) m = wait_message(*rx, std::nullopt);
   return result_of(c, *m);
 }
+
+/// Context.call as a METH_FASTCALL method: pybind11's dispatcher would build an
+/// args tuple and a kwargs dict for every call. Exceptions are translated as
+/// pybind11's dispatcher does.
+/// `self` (a Context, or an instance of a subclass: the method descriptor checked)
+/// as its C++ object, without pybind11's per-call type lookup when its layout is the
+/// simple one (a single pybind11 base, as mitogen_native.core.Context has).
+const py_context& context_of(PyObject* self) {
+  auto* inst = reinterpret_cast<py::detail::instance*>(self);
+  if (inst->simple_layout && inst->simple_holder_constructed && inst->simple_value_holder[0])
+    return *static_cast<const py_context*>(inst->simple_value_holder[0]);
+  return py::handle(self).cast<const py_context&>();  // raises if not initialised
+}
+
+PyObject* fast_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  try {
+    const auto& c = context_of(self);
+    return call_spec_now(c, make_spec(args, static_cast<std::size_t>(nargs), kwnames, "call", c)).release().ptr();
+  } catch (...) {
+    if (py::detail::apply_exception_translators(py::detail::get_local_internals().registered_exception_translators))
+      return nullptr;
+    if (py::detail::apply_exception_translators(py::detail::get_internals().registered_exception_translators))
+      return nullptr;
+    PyErr_SetString(PyExc_SystemError, "Context.call: an exception escaped the translators");
+    return nullptr;
+  }
+}
+
+PyMethodDef fast_call_def = {
+    "call", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&fast_call)), METH_FASTCALL | METH_KEYWORDS,
+    "call(fn, *args, **kwargs): run fn(*args, **kwargs) in the context and return its result. "
+    "Raises CallError if it raised, ChannelError if the context went away."};
 
 std::string repr(const py_context& c) {
   return "Context(" + std::to_string(c.ctx.id()) + ", " + py::repr(py::str(c.ctx.name())).cast<std::string>() + ")";
@@ -226,8 +277,9 @@ void register_context(py::module_& m) {
       .def_property_readonly("context", [](const py_receiver& self) { return make_context(self.owner.ctx, self.owner.router); })
       .def_property_readonly("handle", [](const py_receiver& self) { return self.rx->handle(); });
 
-  py::class_<py_context>(m, "Context", py::dynamic_attr(),
-                         "A context (a Python program under this one's control) and the calls into it.")
+  auto context_cls = py::class_<py_context>(m, "Context", py::dynamic_attr(),
+                                           "A context (a Python program under this one's control) and the calls into it.");
+  context_cls
       .def(py::init([](py::object router, std::uint32_t id, std::optional<std::string> name) {
              if (!py::isinstance<py_router>(router)) throw py::type_error("Context(router, ...): not a Router");
              auto& pr = router.cast<py_router&>();
@@ -237,9 +289,6 @@ void register_context(py::module_& m) {
       .def_property_readonly("context_id", [](const py_context& c) { return c.ctx.id(); })
       .def_property_readonly("name", [](const py_context& c) { return c.ctx.name(); })
       .def_property_readonly("router", [](const py_context& c) { return c.router; })
-      .def("call", &call,
-           "call(fn, *args, **kwargs): run fn(*args, **kwargs) in the context and return its result. "
-           "Raises CallError if it raised, ChannelError if the context went away.")
       .def(
           "call_async",
           [](const py_context& c, const py::args& args, const py::kwargs& kw) {
@@ -298,6 +347,10 @@ void register_context(py::module_& m) {
       .def("__hash__", [](const py_context& c) {
         return std::hash<std::uint32_t>()(c.ctx.id()) ^ std::hash<const void*>()(c.ctx.get_router().get());
       });
+  // call, the hot path: a method descriptor of our own (fast_call).
+  PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(context_cls.ptr()), &fast_call_def);
+  if (!descr) throw py::error_already_set();
+  context_cls.attr("call") = py::reinterpret_steal<py::object>(descr);
 }
 
 }  // namespace mitogen::python

@@ -255,15 +255,35 @@ wire::value to_wire(py::handle o, const char* root) {
   return convert(o.ptr(), &p, 0);
 }
 
-wire::tuple args_to_wire(const py::args& args, std::size_t first) {
+wire::tuple args_to_wire(PyObject* const* items, std::size_t n) {
   wire::tuple out;
   path_node root{nullptr, "args"};
-  const std::size_t n = args.size();
-  out.items.reserve(n > first ? n - first : 0);
-  PyObject** items = PySequence_Fast_ITEMS(args.ptr());
-  for (std::size_t i = first; i < n; ++i) {
-    path_node p{&root, nullptr, static_cast<Py_ssize_t>(i - first)};
+  out.items.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    path_node p{&root, nullptr, static_cast<Py_ssize_t>(i)};
     out.items.push_back(convert(items[i], &p, 1));
+  }
+  return out;
+}
+
+wire::tuple args_to_wire(const py::args& args, std::size_t first) {
+  const std::size_t n = args.size();
+  if (n <= first) return {};
+  return args_to_wire(PySequence_Fast_ITEMS(args.ptr()) + first, n - first);
+}
+
+wire::kwargs kwargs_to_wire(PyObject* kwnames, PyObject* const* values) {
+  wire::kwargs out;
+  const Py_ssize_t n = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+  if (n == 0) return out;
+  path_node root{nullptr, "kwargs"};
+  out.items.reserve(static_cast<std::size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* k = PyTuple_GET_ITEM(kwnames, i);
+    path_node pk{&root, nullptr, -1, k, true};
+    path_node pv{&root, nullptr, -1, k};
+    wire::value key = convert(k, &pk, 1);
+    out.items.emplace_back(std::move(key), convert(values[i], &pv, 1));
   }
   return out;
 }
