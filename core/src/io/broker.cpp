@@ -1,6 +1,12 @@
 #include "mitogen/io/broker.hpp"
 
+#include <sys/timerfd.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <csignal>
+#include <cstdlib>
+#include <system_error>
 
 #include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
@@ -17,6 +23,17 @@ broker::broker() : work_(boost::asio::make_work_guard(*io_)) {
   // thread and read it on the other with no ordering a checker can see. Build it
   // here, before this broker's thread exists.
   (void)spdlog::default_logger_raw();
+  // A debugging aid (docs/architecture.md, "Parking"): run a suite with a limit of
+  // an hour, and whatever would wait for the limit hangs instead of going unseen.
+  if (const char* v = std::getenv("MITOGEN_PARK_LIMIT_US")) {
+    char* end = nullptr;
+    long long us = std::strtoll(v, &end, 10);
+    if (end != v && *end == '\0' && us >= 0) park_limit_us_.store(us);
+  }
+  park_timer_fd_ = ::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+  if (park_timer_fd_ < 0) throw std::system_error(errno, std::generic_category(), "timerfd_create");
+  park_timer_.assign(park_timer_fd_);
+  wait_park_timer();  // before the thread runs: no other thread touches park_timer_
   std::mutex mu;
   std::condition_variable cv;
   bool started = false;
@@ -146,6 +163,65 @@ void broker::join() {
   if (on_broker_thread()) return;
   std::lock_guard lk(join_mu_);
   if (thread_.joinable()) thread_.join();
+}
+
+// ------------------------------------------------------------ parking
+
+void broker::park(std::weak_ptr<parkable> p) {
+  std::lock_guard lk(park_mu_);
+  if (parked_.empty()) arm_park_timer();
+  parked_.push_back(std::move(p));
+}
+
+void broker::arm_park_timer() {
+  const std::int64_t us = std::max<std::int64_t>(1, park_limit_us_.load());  // 0 would disarm it
+  itimerspec t{};
+  t.it_value.tv_sec = us / 1000000;
+  t.it_value.tv_nsec = (us % 1000000) * 1000;
+  ::timerfd_settime(park_timer_fd_, 0, &t, nullptr);
+}
+
+void broker::wait_park_timer() {
+  park_timer_.async_wait(boost::asio::posix::stream_descriptor::wait_read,
+                         [this](const boost::system::error_code& ec) {
+                           if (ec) return;  // aborted: the broker is going away
+                           std::uint64_t expirations;
+                           (void)!::read(park_timer_fd_, &expirations, sizeof expirations);
+                           unpark_listed();
+                           wait_park_timer();
+                         });
+}
+
+void broker::unpark_listed() {
+  std::vector<std::weak_ptr<parkable>> listed, led;
+  {
+    std::lock_guard lk(park_mu_);
+    listed.swap(parked_);
+  }
+  // Without park_mu_: unpark() takes the stream's lock, under which park() is called.
+  for (auto& w : listed)
+    if (auto p = w.lock(); p && p->unpark()) led.push_back(std::move(w));
+  if (led.empty()) return;
+  std::lock_guard lk(park_mu_);
+  if (parked_.empty()) arm_park_timer();
+  for (auto& w : led) parked_.push_back(std::move(w));
+}
+
+broker::follower::follower(const std::shared_ptr<broker>& b) : b_(b) {
+  if (!b) return;
+  // Counted first, then the list read: a stream stepping down lists itself first,
+  // then reads the count (stream::end_lead), so one of the two sees the other.
+  b->followers_.fetch_add(1);
+  bool any;
+  {
+    std::lock_guard lk(b->park_mu_);
+    any = !b->parked_.empty();
+  }
+  if (any) b->unpark_listed();
+}
+
+broker::follower::~follower() {
+  if (auto b = b_.lock()) b->followers_.fetch_sub(1);
 }
 
 std::uint64_t broker::add_shutdown_hook(shutdown_hook hook) {

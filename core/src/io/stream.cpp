@@ -171,7 +171,7 @@ bool stream::enqueue(std::string head, std::string body) {
       // read what the child sends, and a child blocked writing may never read our
       // output either. Step down (rmu_ comes before wmu_); lead() begins again.
       lk.unlock();
-      end_lead();
+      step_down(std::this_thread::get_id(), /*park=*/false);
       lk.lock();
     }
     drained_.wait(lk, [&] { return closed_ || closing_ || queued_ <= opts_.max_queued_bytes / 2; });
@@ -304,6 +304,8 @@ void stream::read_ready() {
       broker_woken_ = true;
       return;
     }
+    // Parked, woken by an error or hang-up: read as usual from now on.
+    if (read_fd_open_) mute_locked(false);
     reading_ = true;
   }
   char* buf = read_scratch(opts_.read_chunk);
@@ -373,8 +375,8 @@ bool stream::begin_lead(int wake_fd) {
   leader_thread_.store(std::this_thread::get_id());
   // From now on the broker is not woken by this stream's input (only by an error
   // or hang-up, which epoll always reports: read_ready() then leaves it to us).
-  // MOD, not DEL and ADD: no allocation per call.
-  watch_input_locked(0);
+  // Parked (muted since the last leader stepped down): nothing to do.
+  mute_locked(true);
   return true;
 }
 
@@ -440,11 +442,14 @@ stream::lead_status stream::lead(const take_fn& take, const std::function<bool()
   }
   // Before stepping down: from then on the broker may be using the parser.
   if (bad) close(make_error_code(errc::protocol_error), "bad frame: " + parser_.error().message());
-  end_lead();
+  // Frames handed over: this thread now waits for the broker to deliver.
+  step_down(std::this_thread::get_id(), /*park=*/!handing_over);
   return st;
 }
 
-void stream::end_lead(std::thread::id owner) {
+void stream::end_lead(std::thread::id owner) { step_down(owner, true); }
+
+void stream::step_down(std::thread::id owner, bool park) {
   bool rearm = false;
   {
     // Step down: the broker watches again (and, if input is waiting, reads it now).
@@ -453,24 +458,46 @@ void stream::end_lead(std::thread::id owner) {
     leader_ = false;
     leader_wake_fd_ = -1;
     leader_thread_.store(std::thread::id());
+    rearm = std::exchange(broker_woken_, false);
     if (close_read_fd_) {
       close_read_fd_ = false;
       ::close(read_fd_);
     } else if (read_fd_open_) {
-      watch_input_locked(EPOLLIN);
+      // Park: stay muted, so that the next call (commonly right after this one)
+      // needs no epoll_ctl() to lead, and this step-down none either. The broker
+      // unmutes within its park limit. Listed first, then the followers counted: a
+      // thread starting to follow counts itself first, then unparks what is listed.
+      park = park && !rearm && broker_->parking();
+      if (park && !park_listed_) {
+        park_listed_ = true;
+        // Aliased: parkable is a private base, which weak_ptr cannot convert to.
+        broker_->park(std::shared_ptr<broker::parkable>(shared_from_this(), this));
+      }
+      if (!park || broker_->followed()) mute_locked(false);
     }
-    rearm = std::exchange(broker_woken_, false);
   }
   // The broker was woken while we led (a hang-up) and did not wait again, so as not
   // to spin on a descriptor only we read: it waits again now, and sees the hang-up.
   if (rearm) broker_->defer([self = shared_from_this()] { self->do_read(); });
 }
 
-void stream::watch_input_locked(std::uint32_t events) {
+void stream::mute_locked(bool muted) {
+  if (muted_ == muted) return;
+  muted_ = muted;
+  // MOD, not DEL and ADD: no allocation. Unmuting with input waiting wakes the
+  // broker, which reads it.
   epoll_event ev{};
-  ev.events = events;
+  ev.events = muted ? 0u : std::uint32_t{EPOLLIN};
   ev.data.fd = read_fd_;
   ::epoll_ctl(read_set_, EPOLL_CTL_MOD, read_fd_, &ev);
+}
+
+bool stream::unpark() {
+  std::lock_guard lk(rmu_);
+  if (leader_ && read_fd_open_) return true;  // led again: ask later
+  park_listed_ = false;
+  if (read_fd_open_) mute_locked(false);
+  return false;
 }
 
 void stream::hand_over(wire::message&& m) {

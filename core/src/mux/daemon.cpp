@@ -123,6 +123,10 @@ daemon::daemon(daemon_options opts) : opts_(std::move(opts)) {}
 std::shared_ptr<daemon> daemon::start(daemon_options opts) {
   auto d = std::shared_ptr<daemon>(new daemon(std::move(opts)));
   d->broker_ = std::make_shared<broker>();
+  // The daemon's broker forwards every client's calls and every context's replies:
+  // a context stream a worker led must be watched again at once, not within the
+  // park limit (stream::end_lead).
+  d->broker_->set_park_limit(std::chrono::microseconds(0));
   d->router_ = router::create(d->broker_);
   // Contexts never talk to each other; only the clients (and we) talk to them.
   d->router_->set_unidirectional(true);

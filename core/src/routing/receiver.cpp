@@ -89,8 +89,15 @@ std::size_t receiver::size() {
 }
 
 std::size_t receiver::set_notify(std::function<void()> fn) {
+  // A select waits on this receiver: the broker reads for it, so streams must not
+  // stay parked meanwhile (broker::follower). Made and dropped outside mu_.
+  std::unique_ptr<broker::follower> f;
+  if (fn) {
+    if (auto r = router_.lock()) f = std::make_unique<broker::follower>(r->get_broker());
+  }
   std::lock_guard lk(mu_);
   notify_ = std::move(fn);
+  f.swap(notify_follower_);
   return q_.empty() && dead_ ? 1 : q_.size();
 }
 
@@ -156,6 +163,12 @@ std::optional<wire::message> receiver::wait_until(std::optional<std::chrono::ste
     if (st == stream::lead_status::timed_out && !ready()) return std::nullopt;
   }
   std::unique_lock lk(mu_);
+  if (pred()) return pop_locked();
+  // The broker delivers what we wait for: it must read every stream meanwhile.
+  lk.unlock();
+  std::optional<broker::follower> following;
+  if (auto r = router_.lock()) following.emplace(r->get_broker());
+  lk.lock();
   if (!deadline) {
     cv_.wait(lk, pred);
   } else if (!cv_.wait_until(lk, *deadline, pred)) {

@@ -528,6 +528,13 @@ void router::disconnect(std::uint32_t id, std::error_code why, const std::string
 }
 
 bool router::wait_disconnected(std::uint32_t id, std::chrono::milliseconds timeout) {
+  {
+    std::lock_guard lk(gone_mu_);
+    if (gone_.count(id) > 0) return true;
+  }
+  // The news comes through the broker (a DEL_ROUTE from an intermediary, for one):
+  // no stream may stay parked meanwhile.
+  broker::follower following(broker_);
   std::unique_lock lk(gone_mu_);
   return gone_cv_.wait_for(lk, timeout, [&] { return gone_.count(id) > 0; });
 }

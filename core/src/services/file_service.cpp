@@ -250,6 +250,9 @@ class remote_end {
   /// call may be queued behind others in the context, like any call: no limit.
   template <class Pred>
   void wait(std::unique_lock<std::mutex>& lk, Pred done, const char* doing, bool started = true) {
+    if (done()) return;
+    // What we wait for is read and handled by the broker: no stream may stay parked.
+    broker::follower following(r_->get_broker());
     while (!done()) {
       if (opts_.cancel && opts_.cancel->load()) throw file_error("transfer cancelled", ECANCELED);
       if (started && clock::now() - st_->progress > opts_.idle_timeout)

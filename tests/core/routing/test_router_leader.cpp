@@ -60,6 +60,42 @@ bool broker_reads(rig& t) {
   return m && m->data == "for the broker";
 }
 
+/// Sends a frame to a handler that runs on the broker thread, with no thread waiting
+/// on a receiver for it (no follower: only the broker's own watch can read it), and
+/// returns when it arrived, if within 10 s.
+std::optional<std::chrono::steady_clock::time_point> broker_handles(rig& t) {
+  auto arrived = std::make_shared<std::promise<std::chrono::steady_clock::time_point>>();
+  auto h = t.r->add_handler([arrived, once = std::make_shared<std::atomic<bool>>()](wire::message&&) {
+    if (!once->exchange(true)) arrived->set_value(std::chrono::steady_clock::now());  // not the dead one
+  });
+  wire::message a;
+  a.dst_id = 0;
+  a.src_id = a.auth_id = t.id;
+  a.handle = h;
+  a.data = "for a handler";
+  t.child.send(a);
+  auto f = arrived->get_future();
+  if (f.wait_for(10s) != std::future_status::ready) {
+    t.r->del_handler(h);
+    return std::nullopt;
+  }
+  return f.get();
+}
+
+/// One call as context::call makes it (leading first), answered by the child; the
+/// caller reads the reply itself, and steps down.
+void call_once(rig& t, const std::string& data = "reply") {
+  auto rx = t.r->make_receiver(t.id, false);
+  rx->lead_first();
+  wire::message m;
+  m.dst_id = t.id;
+  m.handle = wire::CALL_FUNCTION;
+  m.reply_to = rx->handle();
+  t.r->route(m);
+  t.child.send(t.reply_to(t.child.recv(), data));
+  REQUIRE(rx->get(10s).data == data);
+}
+
 }  // namespace
 
 TEST_CASE("a caller reads its own reply while the broker thread is busy", "[router][leader]") {
@@ -152,6 +188,7 @@ TEST_CASE("a caller that leads first and waits for its output to drain lets the 
   // read. A child that is itself writing (output, a log) would never read if nobody
   // read it: the waiting sender steps down, and the broker reads meanwhile.
   rig t(true, 64 * 1024);
+  t.b->set_park_limit(std::chrono::hours(1));
   auto rx = t.r->make_receiver(t.id, false);
   auto caller = std::async(std::launch::async, [&] {
     rx->lead_first();
@@ -168,6 +205,9 @@ TEST_CASE("a caller that leads first and waits for its output to drain lets the 
   while (t.s->queued_bytes() <= 64 * 1024 && std::chrono::steady_clock::now() < until)
     std::this_thread::sleep_for(1ms);
   REQUIRE(t.s->queued_bytes() > 64 * 1024);
+  // Not parked either (the limit is an hour): the broker's own handlers are served
+  // while the sender waits, and so is a thread waiting on a receiver.
+  CHECK(broker_handles(t));
   CHECK(broker_reads(t));
   auto req = t.child.recv();  // drains the request
   CHECK(req.data.size() == 4 * 1024 * 1024);
@@ -227,6 +267,9 @@ TEST_CASE("broker shutdown releases a caller reading its reply", "[router][leade
 
 TEST_CASE("many threads calling at once each get their own reply", "[router][leader]") {
   rig t(true);
+  // Callers step down, park the stream, and others follow: none may be left waiting
+  // for the park limit.
+  t.b->set_park_limit(std::chrono::hours(1));
   constexpr int threads = 6, calls = 300;
   // The child answers every request with its reply handle as the payload; replies
   // for different callers arrive interleaved on the one stream.
@@ -298,4 +341,95 @@ TEST_CASE("after router::shutdown() returns, a call is refused, not sent", "[rou
   auto m = rx->get(10s);
   CHECK(m.is_dead());
   CHECK(m.data.find("shut down") != std::string::npos);
+}
+
+// ------------------------------------------------------------------ parking
+// A caller stepping down leaves the stream out of the broker's sight ("parked"), so
+// that the next call needs no epoll_ctl() to take it again; the broker watches it
+// again within its park limit, or at once when a thread starts waiting for what
+// only the broker reads. docs/architecture.md, "Parking".
+
+TEST_CASE("a stream a caller stepped down from is watched again within the park limit", "[router][leader][park]") {
+  rig t(true);
+  t.b->set_park_limit(300ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  call_once(t);
+  // A frame only the broker reads (a log record, output) waits for the limit...
+  auto at = broker_handles(t);
+  REQUIRE(at);
+  CHECK(*at - t0 >= 300ms);
+  // ... and the stream is the broker's again: the next one is not held back.
+  t.b->set_park_limit(std::chrono::hours(1));
+  CHECK(broker_handles(t));
+  // A later call parks it again, and a thread waiting on a receiver takes it back.
+  call_once(t, "again");
+  CHECK(broker_reads(t));
+}
+
+TEST_CASE("a thread starting to wait for the broker unparks the stream at once", "[router][leader][park]") {
+  rig t(true);
+  t.b->set_park_limit(std::chrono::hours(1));
+  SECTION("the frame is already waiting") {
+    call_once(t);
+    CHECK(broker_reads(t));
+  }
+  SECTION("the frame comes while the thread waits") {
+    call_once(t);
+    auto other = t.r->make_receiver(t.id, true);
+    auto got = std::async(std::launch::async, [&] { return other->get_for(10s); });
+    CHECK(got.wait_for(100ms) == std::future_status::timeout);
+    wire::message a;
+    a.dst_id = 0;
+    a.src_id = a.auth_id = t.id;
+    a.handle = other->handle();
+    a.data = "later";
+    t.child.send(a);
+    auto m = got.get();
+    REQUIRE(m);
+    CHECK(m->data == "later");
+  }
+  SECTION("the thread waits while others call in a loop") {
+    // It follows the whole time: no step-down parks the stream meanwhile.
+    auto other = t.r->make_receiver(t.id, true);
+    auto got = std::async(std::launch::async, [&] { return other->get_for(20s); });
+    CHECK(got.wait_for(100ms) == std::future_status::timeout);
+    for (int i = 0; i < 50; ++i) call_once(t, std::to_string(i));
+    CHECK(broker_handles(t));
+    wire::message a;
+    a.dst_id = 0;
+    a.src_id = a.auth_id = t.id;
+    a.handle = other->handle();
+    a.data = "after the calls";
+    t.child.send(a);
+    auto m = got.get();
+    REQUIRE(m);
+    CHECK(m->data == "after the calls");
+  }
+}
+
+TEST_CASE("a receiver watched by a select is not held back by parking", "[router][leader][park]") {
+  rig t(true);
+  t.b->set_park_limit(std::chrono::hours(1));
+  call_once(t);
+  auto other = t.r->make_receiver(t.id, true);
+  std::promise<void> notified;
+  std::atomic<bool> once{false};
+  other->set_notify([&] {
+    if (!once.exchange(true)) notified.set_value();
+  });
+  wire::message a;
+  a.dst_id = 0;
+  a.src_id = a.auth_id = t.id;
+  a.handle = other->handle();
+  a.data = "selected";
+  t.child.send(a);
+  CHECK(notified.get_future().wait_for(10s) == std::future_status::ready);
+  other->set_notify(nullptr);
+  // No longer watched: a call parks the stream again.
+  t.b->set_park_limit(200ms);
+  const auto t0 = std::chrono::steady_clock::now();
+  call_once(t, "parks again");
+  auto at = broker_handles(t);
+  REQUIRE(at);
+  CHECK(*at - t0 >= 200ms);
 }

@@ -14,6 +14,7 @@
 
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 namespace mitogen {
@@ -66,6 +67,52 @@ class broker : public std::enable_shared_from_this<broker> {
   /// Upper bound on how long shutdown hooks may take before the thread stops anyway.
   static constexpr std::chrono::milliseconds shutdown_grace{3000};
 
+  // ---------------------------------------------------------------- parking
+  // A caller that read its reply itself (stream::lead()) leaves the stream out of the
+  // broker's sight when it steps down ("parked"): the next call on it then costs no
+  // epoll_ctl() to take it out again, and none to give it back. The broker takes every
+  // parked stream back within the park limit, and at once when a thread starts waiting
+  // for something only the broker would read for it (docs/architecture.md, "Parking").
+
+  /// Something the broker gives back its input watch to (a stream).
+  class parkable {
+   public:
+    /// Watch input again, unless a thread leads (reads) now: then true, to be asked
+    /// again later. Any thread.
+    virtual bool unpark() = 0;
+
+   protected:
+    ~parkable() = default;
+  };
+  /// List `p` to be unparked within the park limit. Any thread; the caller lists each
+  /// parkable once until its unpark() returns false.
+  void park(std::weak_ptr<parkable> p);
+  /// How long input may wait, at most, on a parked stream nobody waits on (a log
+  /// record, output, a request from the child while no caller waits).
+  static constexpr std::chrono::microseconds default_park_limit{1000};
+  /// Change it (any thread; from the next park on). Zero: streams never park (a
+  /// process whose broker forwards most of what it reads, the multiplexer daemon).
+  /// Tests set it long, so that what would arrive only through the limit hangs.
+  void set_park_limit(std::chrono::microseconds limit) noexcept { park_limit_us_.store(limit.count()); }
+  /// False once the park limit is zero.
+  bool parking() const noexcept { return park_limit_us_.load(std::memory_order_relaxed) > 0; }
+
+  /// While one is alive, a thread waits for what the broker must read and deliver
+  /// (a receiver's follower, a select): parked streams are unparked now, and no
+  /// stream parks. Any thread.
+  class follower {
+   public:
+    explicit follower(const std::shared_ptr<broker>& b);
+    ~follower();
+    follower(const follower&) = delete;
+    follower& operator=(const follower&) = delete;
+
+   private:
+    std::weak_ptr<broker> b_;
+  };
+  /// True while a follower is alive: a stream stepping down must not park.
+  bool followed() const noexcept { return followers_.load() > 0; }
+
  private:
   static void run(boost::asio::io_context& io);
   void begin_shutdown();  // broker thread
@@ -92,6 +139,17 @@ class broker : public std::enable_shared_from_this<broker> {
   boost::asio::steady_timer grace_timer_{*io_};
 
   std::mutex join_mu_;
+
+  /// Unpark what is listed; list again what is led now, and arm the timer for it.
+  void unpark_listed();
+  void wait_park_timer();  // broker thread
+  void arm_park_timer();   // park_mu_ held
+  std::mutex park_mu_;
+  std::vector<std::weak_ptr<parkable>> parked_;  ///< guarded by park_mu_
+  std::atomic<int> followers_{0};
+  std::atomic<std::int64_t> park_limit_us_{default_park_limit.count()};
+  int park_timer_fd_ = -1;  ///< a timerfd; owned by park_timer_
+  boost::asio::posix::stream_descriptor park_timer_{*io_};
 };
 
 }  // namespace mitogen

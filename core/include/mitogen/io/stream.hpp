@@ -47,7 +47,7 @@ struct stream_options {
 
 /// Owned by shared_ptr (handlers capture it). Closing is idempotent; after close,
 /// send() returns false and nothing is read.
-class stream : public std::enable_shared_from_this<stream> {
+class stream : public std::enable_shared_from_this<stream>, private broker::parkable {
  public:
   /// Called on the broker thread for every whole inbound frame.
   using message_fn = std::function<void(wire::message&&)>;
@@ -122,7 +122,9 @@ class stream : public std::enable_shared_from_this<stream> {
   /// (as lead()). Every true must be followed, on this thread, by lead(..., true) or
   /// end_lead().
   bool begin_lead(int wake_fd);
-  /// Step down, if `owner` still leads: the broker watches this stream again.
+  /// Step down, if `owner` still leads: the broker watches this stream again, at
+  /// once if a thread follows (broker::follower), else within the broker's park limit
+  /// unless another caller leads again first ("parked": docs/architecture.md).
   void end_lead(std::thread::id owner = std::this_thread::get_id());
 
   /// True once close() was called (or the stream closed by itself).
@@ -146,9 +148,13 @@ class stream : public std::enable_shared_from_this<stream> {
   void close_on_broker(std::error_code reason, std::string detail);
   /// Hand a frame the leader read to the broker, to run on_message there in order.
   void hand_over(wire::message&& m);
-  /// What read_set_ reports of read_fd_: EPOLLIN, or 0 while a caller leads (rmu_ held,
+  /// Have read_set_ report read_fd_'s input (muted_ false) or not (rmu_ held,
   /// read_fd_open_ true: close_on_broker closes the set and clears it in one locked step).
-  void watch_input_locked(std::uint32_t events);
+  void mute_locked(bool muted);
+  bool unpark() override;  // broker::parkable
+  /// end_lead(); `park` false: the broker watches again at once (the thread goes on
+  /// to wait for what only the broker will read).
+  void step_down(std::thread::id owner, bool park);
   /// Close read_fd_ now, or when the leader steps down (rmu_ held).
   void close_read_fd_locked();
 
@@ -180,7 +186,9 @@ class stream : public std::enable_shared_from_this<stream> {
   std::mutex rmu_;
   bool framed_ = false;         ///< past the raw phase: a leader may parse
   bool reading_ = false;        ///< the broker is reading and dispatching
-  bool leader_ = false;         ///< a thread is leading (read_set_ not watching input)
+  bool leader_ = false;         ///< a thread is leading
+  bool muted_ = false;          ///< read_set_ not watching input: while leading, and parked
+  bool park_listed_ = false;    ///< listed with broker::park() until unpark() says false
   bool broker_woken_ = false;   ///< read_ready() ran meanwhile and did not wait again
   int leader_wake_fd_ = -1;     ///< the leader's wake descriptor
   /// The leading thread (written under rmu_; read without it by enqueue(), where a

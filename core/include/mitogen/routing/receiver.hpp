@@ -10,6 +10,7 @@
 #include <optional>
 #include <thread>
 
+#include "mitogen/io/broker.hpp"
 #include "mitogen/wire/message.hpp"
 
 namespace mitogen {
@@ -83,6 +84,7 @@ class receiver {
   std::deque<wire::message> q_;
   std::optional<wire::message> dead_;
   std::function<void()> notify_;  ///< guarded by mu_; called without it
+  std::unique_ptr<broker::follower> notify_follower_;  ///< while notify_ is set
   /// While a thread leads for this receiver: its eventfd, poked by push() from any
   /// other thread (guarded by mu_, so the descriptor stays open while poked).
   int leader_wake_fd_ = -1;
