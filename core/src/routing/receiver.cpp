@@ -30,7 +30,7 @@ void poke(int fd) {
 }  // namespace
 
 receiver::~receiver() {
-  if (led_) led_->end_lead(leader_thread_);  // lead_first() without a wait
+  if (led_) led_->s->end_lead(leader_thread_);  // lead_first() without a wait
   if (auto r = router_.lock()) r->del_handler(handle_);
 }
 
@@ -43,11 +43,11 @@ void receiver::lead_first() {
     leader_wake_fd_ = fd;
     leader_thread_ = std::this_thread::get_id();
   }
-  std::shared_ptr<stream> s;
-  if (auto r = router_.lock()) s = r->begin_lead_for(*this, fd);
+  std::optional<lead_plan> p;
+  if (auto r = router_.lock()) p = r->begin_lead_for(*this, fd);
   std::lock_guard lk(mu_);
-  if (s) {
-    led_ = std::move(s);
+  if (p) {
+    led_ = std::move(p);
   } else {
     leader_wake_fd_ = -1;
     leader_thread_ = {};
@@ -121,13 +121,13 @@ bool receiver::ready() {
 std::optional<wire::message> receiver::wait_until(std::optional<std::chrono::steady_clock::time_point> deadline) {
   auto pred = [&] { return !q_.empty() || dead_.has_value(); };
   // This thread's lead_first(), if any: it leads already.
-  std::shared_ptr<stream> begun;
+  std::optional<lead_plan> begun;
   int fd = -1;
   bool lead = false;
   {
     std::unique_lock lk(mu_);
     if (led_ && leader_thread_ == std::this_thread::get_id()) {
-      begun = std::move(led_);
+      begun.swap(led_);  // led_ empty again
       fd = leader_wake_fd_;
       lead = true;
     } else if (pred()) {
@@ -153,7 +153,7 @@ std::optional<wire::message> receiver::wait_until(std::optional<std::chrono::ste
     if (auto r = router_.lock()) {
       st = r->lead_for(*this, deadline, fd, std::move(begun));
     } else if (begun) {
-      begun->end_lead();
+      begun->s->end_lead();
     }
     {
       std::lock_guard lk(mu_);

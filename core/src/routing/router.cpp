@@ -242,7 +242,7 @@ bool router::deliver_reply_here(wire::message& m) {
   return true;
 }
 
-std::optional<router::lead_plan> router::plan_lead(const receiver& rx) {
+std::optional<lead_plan> router::plan_lead(const receiver& rx) {
   lead_plan p;
   {
     std::lock_guard lk(handlers_mu_);
@@ -265,21 +265,17 @@ std::optional<router::lead_plan> router::plan_lead(const receiver& rx) {
   return p;
 }
 
-std::shared_ptr<stream> router::begin_lead_for(const receiver& rx, int wake_fd) {
+std::optional<lead_plan> router::begin_lead_for(const receiver& rx, int wake_fd) {
   auto p = plan_lead(rx);
-  if (!p || !p->s->begin_lead(wake_fd)) return nullptr;
-  return std::move(p->s);
+  if (!p || !p->s->begin_lead(wake_fd)) return std::nullopt;
+  return p;
 }
 
 stream::lead_status router::lead_for(receiver& rx, std::optional<std::chrono::steady_clock::time_point> deadline,
-                                     int wake_fd, std::shared_ptr<stream> begun) {
-  using st = stream::lead_status;
-  auto p = plan_lead(rx);
-  if (!p || (begun && begun != p->s)) {
-    // The route changed since begin_lead_for(): step down, wait as usual.
-    if (begun) begun->end_lead();
-    return st::busy;
-  }
+                                     int wake_fd, std::optional<lead_plan> begun) {
+  const bool was_begun = begun.has_value();
+  auto p = was_begun ? std::move(begun) : plan_lead(rx);
+  if (!p) return stream::lead_status::busy;
   const std::uint32_t handle = rx.handle();
   // The checks on_stream_message()/on_parent_message() make, for the one frame we
   // take; every other frame goes to the broker, which makes them all.
@@ -292,7 +288,7 @@ stream::lead_status router::lead_for(receiver& rx, std::optional<std::chrono::st
     }
     return deliver_reply_here(m);
   };
-  return p->s->lead(take, [&] { return rx.ready(); }, deadline, wake_fd, begun != nullptr);
+  return p->s->lead(take, [&] { return rx.ready(); }, deadline, wake_fd, was_begun);
 }
 
 void router::on_parent_message(wire::message&& m) {

@@ -18,6 +18,15 @@ namespace mitogen {
 class router;
 class stream;
 
+/// Where a thread reads one receiver's reply itself (router::begin_lead_for), and
+/// whose reply it may take there.
+struct lead_plan {
+  std::shared_ptr<stream> s;
+  std::uint32_t want = 0;  ///< the receiver's respondent
+  std::uint32_t from = 0;  ///< the direct context s leads to
+  bool via_parent = false;
+};
+
 /// Created by router::make_receiver(). The router's broker thread pushes messages;
 /// any thread may get(). Destroying the receiver removes its handler.
 class receiver {
@@ -89,8 +98,9 @@ class receiver {
   /// other thread (guarded by mu_, so the descriptor stays open while poked).
   int leader_wake_fd_ = -1;
   std::thread::id leader_thread_;
-  /// lead_first()'s stream, until leader_thread_ waits (or the receiver goes).
-  std::shared_ptr<stream> led_;
+  /// lead_first()'s plan (its stream led), until leader_thread_ waits (or the
+  /// receiver goes).
+  std::optional<lead_plan> led_;
 };
 
 }  // namespace mitogen

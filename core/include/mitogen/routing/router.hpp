@@ -163,13 +163,15 @@ class router : public std::enable_shared_from_this<router> {
   /// stream on this thread until `rx` has something, delivering the reply here and
   /// handing every other frame to the broker. Called by receiver; busy = wait as
   /// usual.
-  /// `begun`: what begin_lead_for() returned for `rx` on this thread (it goes on from
-  /// there, or steps down if the route changed meanwhile).
+  /// `begun`: what begin_lead_for() returned for `rx` on this thread: it goes on
+  /// from there, with that plan (a reply that comes another way after all, the route
+  /// having changed, reaches `rx` through the broker, which wakes this thread).
   stream::lead_status lead_for(receiver& rx, std::optional<std::chrono::steady_clock::time_point> deadline,
-                               int wake_fd, std::shared_ptr<stream> begun = nullptr);
+                               int wake_fd, std::optional<lead_plan> begun = std::nullopt);
   /// lead_for()'s first step, taken before the request goes out (stream::begin_lead):
-  /// the stream now out of the broker's sight, or null if this thread cannot lead.
-  std::shared_ptr<stream> begin_lead_for(const receiver& rx, int wake_fd);
+  /// the plan, its stream now out of the broker's sight; nullopt if this thread
+  /// cannot lead.
+  std::optional<lead_plan> begin_lead_for(const receiver& rx, int wake_fd);
 
   /// Route FORWARD_LOG records here (default: spdlog logger "mitogen.ctx").
   void set_log_sink(log_sink sink);
@@ -215,14 +217,7 @@ class router : public std::enable_shared_from_this<router> {
   /// The reply a leader read (lead_for): delivered here if its handler is a plain
   /// one-shot handler reserved for its sender; false leaves it to the broker.
   bool deliver_reply_here(wire::message& m);
-  /// Where a leader for a receiver would read, and whose reply it may take there.
-  struct lead_plan {
-    std::shared_ptr<stream> s;
-    std::uint32_t want = 0;  ///< the receiver's respondent
-    std::uint32_t from = 0;  ///< the direct context s leads to
-    bool via_parent = false;
-  };
-  /// nullopt: `rx` is not a one-reply receiver this thread may read for.
+  /// Where a leader for a receiver would read. nullopt: `rx` is not a one-reply receiver this thread may read for.
   std::optional<lead_plan> plan_lead(const receiver& rx);
   /// Remove the one-shot handler `it` points at and return its function
   /// (handlers_mu_ held).
