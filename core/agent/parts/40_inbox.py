@@ -159,32 +159,33 @@ class _Inbox(object):
                 return item
 
     def next_call(self):
-        """wait(self.main) for the main thread's loop (_serve), with its usual
-        case inline: nobody else reads or waits, and the next frame is a call
-        (or SHUTDOWN) from an ancestor. That frame goes straight to the
-        caller, without a Message queued on the main slot and taken back;
-        anything else takes the general path, in order."""
+        """wait(self.main) for the main thread's loop (_serve), as the fields
+        (handle, src_id, reply_to, data), with its usual case inline: nobody
+        else reads or waits, and the next frame is a call (or SHUTDOWN) from an
+        ancestor. That frame goes straight to the caller, without a Message
+        made, queued on the main slot and taken back; anything else takes the
+        general path, in order."""
         slot = self.main
         lock = self._lock
         lock.acquire()
         if slot.queue or self._reading or self.router is not None or \
                 self._sleeping:
             lock.release()
-            return self.wait(slot)
+            return self._next_call_waiting()
         self._reading = True
         self._leader = _thread.get_ident()
         lock.release()
+        item = None
         try:
-            msg = self.read_frame()
-            handle = msg.handle
+            fields = self.read_fields()
+            dst_id, src_id, auth_id, handle, reply_to, data = fields
             if (handle == CALL_FUNCTION or handle == SHUTDOWN) and \
-                    msg.dst_id == context_id and (
-                        msg.auth_id == parent_id or msg.auth_id in parent_ids
-                        or msg.auth_id == context_id):
-                item = msg      # _route() would queue it on the main slot
+                    dst_id == context_id and (
+                        auth_id == parent_id or auth_id in parent_ids
+                        or auth_id == context_id):
+                item = (handle, src_id, reply_to, data)
             else:
-                self._route(msg)
-                item = _NO_ITEM
+                self._route(Message(*fields))  # queued on the main slot
         finally:
             # As _step_down(), inline: one call less per call.
             lock.acquire()
@@ -196,9 +197,13 @@ class _Inbox(object):
             elif self._sleeping:
                 self._wake(self._sleeping[0])
             lock.release()
-        if item is _NO_ITEM:
-            return self.wait(slot)
+        if item is None:
+            return self._next_call_waiting()
         return item
+
+    def _next_call_waiting(self):
+        msg = self.wait(self.main)
+        return msg.handle, msg.src_id, msg.reply_to, msg.data
 
     def _sleep(self, slot, deadline, timeout):
         """Sleep until woken (with an item, or to take over reading) or until
@@ -335,8 +340,14 @@ class _Inbox(object):
             self._end += got
 
     def read_frame(self):
-        """Read one frame. Never returns on EOF or a framing error: the
-        process exits, because the parent is gone or framing is lost."""
+        """Read one frame as a Message. Never returns on EOF or a framing
+        error: the process exits, because the parent is gone or framing is
+        lost."""
+        return Message(*self.read_fields())
+
+    def read_fields(self):
+        """read_frame() without the Message: (dst_id, src_id, auth_id,
+        handle, reply_to, data)."""
         if self._end - self._start < _HEADER_LEN:
             self._fill(_HEADER_LEN)
         (magic, dst_id, src_id, auth_id, handle, reply_to,
@@ -367,10 +378,10 @@ class _Inbox(object):
                 if not n:
                     _exit_on_eof()
                 got += n
-        msg = Message(dst_id, src_id, auth_id, handle, reply_to, data)
         if _debug_fd is not None:
-            _debug_log(DEBUG, 'received %r' % (msg,))
-        return msg
+            _debug_log(DEBUG, 'received %r' % (
+                Message(dst_id, src_id, auth_id, handle, reply_to, data),))
+        return dst_id, src_id, auth_id, handle, reply_to, data
 
 
 _inbox = None

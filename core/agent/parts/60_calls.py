@@ -29,33 +29,37 @@ def _resolve(module, class_name, function):
     return getattr(obj, function)
 
 
-def _parse_call(data):
-    call = _decode_call(data)
-    if not (type(call) is tuple and len(call) == 6):
-        raise StreamError('bad CALL_FUNCTION payload: expected a 6-tuple')
-    chain_id, module, class_name, function, args, kwargs = call
-    if not (type(module) is str and type(function) is str and
-            (class_name is None or type(class_name) is str) and
-            type(args) in (tuple, list) and isinstance(kwargs, dict)):
-        raise StreamError('bad CALL_FUNCTION payload: wrong field types')
-    return chain_id, module, class_name, function, args, kwargs
-
-
-def _run_call(msg):
-    """Run one CALL_FUNCTION message and send the reply, if one is wanted."""
+def _run_call(src_id, reply_to, data):
+    """Run one CALL_FUNCTION payload and send the reply to (src_id,
+    reply_to), if one is wanted (reply_to nonzero). The hot path of every
+    call: its steps (decoding, checks, lookup) are written out here rather
+    than called, a few tenths of a microsecond per call."""
     call = error = None
     try:
-        call = _parse_call(msg.data)
-        chain_id, module, class_name, function, args, kwargs = call
+        decoded = _decode_call(data)
+        if type(decoded) is not tuple or len(decoded) != 6:
+            raise StreamError('bad CALL_FUNCTION payload: expected a 6-tuple')
+        chain_id, module, class_name, function, args, kwargs = decoded
+        if not (type(module) is str and type(function) is str and
+                (class_name is None or type(class_name) is str) and
+                type(args) in (tuple, list) and isinstance(kwargs, dict)):
+            raise StreamError('bad CALL_FUNCTION payload: wrong field types')
+        call = decoded   # well formed: named in errors below
         if chain_id is not None:
             error = Dispatcher._chain_errors.get(chain_id)
         if error is None:
-            result = _resolve(module, class_name, function)(*args, **kwargs)
-            data = _encode(result)
-            if len(data) > _inbox.max_message_size:
+            mod = sys.modules.get(module)
+            if mod is None or mod is _stage1_main:
+                fn = _resolve(module, class_name, function)
+            else:
+                fn = getattr(getattr(mod, class_name) if class_name else mod,
+                             function)
+            result = fn(*args, **kwargs)
+            out = _encode(result)
+            if len(out) > _inbox.max_message_size:
                 raise StreamError('reply of %d bytes exceeds '
-                                  'max_message_size', len(data))
-        elif not msg.reply_to:
+                                  'max_message_size', len(out))
+        elif not reply_to:
             return   # skipped: its chain already failed and was reported
     except BaseException as e:
         # BaseException: a stray sys.exit() in user code must become an error
@@ -63,25 +67,25 @@ def _run_call(msg):
         error = CallError(e)
         if call is not None and call[0] is not None:
             Dispatcher._chain_errors[call[0]] = error
-        if not msg.reply_to:
+        if not reply_to:
             what = '.'.join(filter(None, call[1:4])) if call else '?'
             _log(ERROR, 'call_no_reply %s() failed: %s', what, error.args[0])
             return
     if error is not None:
-        data = _encode(error)
-    if msg.reply_to:
-        _send(msg.src_id, msg.reply_to, data)
+        out = _encode(error)
+    if reply_to:
+        _send(src_id, reply_to, out)
 
 
 def _serve():
     next_call = _inbox.next_call
     while True:
-        msg = next_call()
-        if msg.reply_to == IS_DEAD:
+        handle, src_id, reply_to, data = next_call()
+        if reply_to == IS_DEAD:
             continue
-        if msg.handle == CALL_FUNCTION:
-            _run_call(msg)
-        elif msg.handle == SHUTDOWN:
+        if handle == CALL_FUNCTION:
+            _run_call(src_id, reply_to, data)
+        elif handle == SHUTDOWN:
             if _debug_fd is not None:
                 _debug_log(INFO, 'SHUTDOWN received')
             _shutdown()
