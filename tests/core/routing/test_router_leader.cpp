@@ -36,8 +36,11 @@ struct broker_block {
   void open() { release.set_value(); }
 };
 
-std::shared_ptr<receiver> ask(rig& t) {
+/// Sends a call to the child; `lead_first`: as context::call does, the caller takes
+/// the stream before the request goes out (receiver::lead_first).
+std::shared_ptr<receiver> ask(rig& t, bool lead_first = false) {
   auto rx = t.r->make_receiver(t.id, false);
+  if (lead_first) rx->lead_first();
   wire::message m;
   m.dst_id = t.id;
   m.handle = wire::CALL_FUNCTION;
@@ -46,16 +49,21 @@ std::shared_ptr<receiver> ask(rig& t) {
   return rx;
 }
 
+/// The child sends `data` to our `handle` (a frame no call waits for).
+void child_sends(rig& t, std::uint32_t handle, std::string data) {
+  wire::message a;
+  a.dst_id = 0;
+  a.src_id = a.auth_id = t.id;
+  a.handle = handle;
+  a.data = std::move(data);
+  t.child.send(a);
+}
+
 /// True if a frame nobody leads for (to a persistent receiver: never read by a
 /// caller) reaches its receiver: the broker watches the stream.
 bool broker_reads(rig& t) {
   auto other = t.r->make_receiver(t.id, true);
-  wire::message a;
-  a.dst_id = 0;
-  a.src_id = a.auth_id = t.id;
-  a.handle = other->handle();
-  a.data = "for the broker";
-  t.child.send(a);
+  child_sends(t, other->handle(), "for the broker");
   auto m = other->get_for(10s);
   return m && m->data == "for the broker";
 }
@@ -68,12 +76,7 @@ std::optional<std::chrono::steady_clock::time_point> broker_handles(rig& t) {
   auto h = t.r->add_handler([arrived, once = std::make_shared<std::atomic<bool>>()](wire::message&&) {
     if (!once->exchange(true)) arrived->set_value(std::chrono::steady_clock::now());  // not the dead one
   });
-  wire::message a;
-  a.dst_id = 0;
-  a.src_id = a.auth_id = t.id;
-  a.handle = h;
-  a.data = "for a handler";
-  t.child.send(a);
+  child_sends(t, h, "for a handler");
   auto f = arrived->get_future();
   if (f.wait_for(10s) != std::future_status::ready) {
     t.r->del_handler(h);
@@ -85,13 +88,7 @@ std::optional<std::chrono::steady_clock::time_point> broker_handles(rig& t) {
 /// One call as context::call makes it (leading first), answered by the child; the
 /// caller reads the reply itself, and steps down.
 void call_once(rig& t, const std::string& data = "reply") {
-  auto rx = t.r->make_receiver(t.id, false);
-  rx->lead_first();
-  wire::message m;
-  m.dst_id = t.id;
-  m.handle = wire::CALL_FUNCTION;
-  m.reply_to = rx->handle();
-  t.r->route(m);
+  auto rx = ask(t, /*lead_first=*/true);
   t.child.send(t.reply_to(t.child.recv(), data));
   REQUIRE(rx->get(10s).data == data);
 }
@@ -166,13 +163,7 @@ TEST_CASE("a caller that leads first reads a reply sent before it waits", "[rout
   // receiver::lead_first(): the stream leaves the broker's sight before the request
   // goes out, so a reply quicker than the caller's next step is not the broker's.
   rig t(true);
-  auto rx = t.r->make_receiver(t.id, false);
-  rx->lead_first();
-  wire::message m;
-  m.dst_id = t.id;
-  m.handle = wire::CALL_FUNCTION;
-  m.reply_to = rx->handle();
-  t.r->route(m);
+  auto rx = ask(t, /*lead_first=*/true);
   t.child.send(t.reply_to(t.child.recv(), "quick"));
   // The broker is idle and would have read and delivered it by now; it does not
   // watch the stream, so the reply waits in the socket for the caller.
@@ -378,12 +369,7 @@ TEST_CASE("a thread starting to wait for the broker unparks the stream at once",
     auto other = t.r->make_receiver(t.id, true);
     auto got = std::async(std::launch::async, [&] { return other->get_for(10s); });
     CHECK(got.wait_for(100ms) == std::future_status::timeout);
-    wire::message a;
-    a.dst_id = 0;
-    a.src_id = a.auth_id = t.id;
-    a.handle = other->handle();
-    a.data = "later";
-    t.child.send(a);
+    child_sends(t, other->handle(), "later");
     auto m = got.get();
     REQUIRE(m);
     CHECK(m->data == "later");
@@ -395,12 +381,7 @@ TEST_CASE("a thread starting to wait for the broker unparks the stream at once",
     CHECK(got.wait_for(100ms) == std::future_status::timeout);
     for (int i = 0; i < 50; ++i) call_once(t, std::to_string(i));
     CHECK(broker_handles(t));
-    wire::message a;
-    a.dst_id = 0;
-    a.src_id = a.auth_id = t.id;
-    a.handle = other->handle();
-    a.data = "after the calls";
-    t.child.send(a);
+    child_sends(t, other->handle(), "after the calls");
     auto m = got.get();
     REQUIRE(m);
     CHECK(m->data == "after the calls");
@@ -417,12 +398,7 @@ TEST_CASE("a receiver watched by a select is not held back by parking", "[router
   other->set_notify([&] {
     if (!once.exchange(true)) notified.set_value();
   });
-  wire::message a;
-  a.dst_id = 0;
-  a.src_id = a.auth_id = t.id;
-  a.handle = other->handle();
-  a.data = "selected";
-  t.child.send(a);
+  child_sends(t, other->handle(), "selected");
   CHECK(notified.get_future().wait_for(10s) == std::future_status::ready);
   other->set_notify(nullptr);
   // No longer watched: a call parks the stream again.
