@@ -202,15 +202,25 @@ void broker::unpark_listed() {
   for (auto& w : listed)
     if (auto p = w.lock(); p && p->unpark()) led.push_back(std::move(w));
   if (led.empty()) return;
-  std::lock_guard lk(park_mu_);
-  if (parked_.empty()) arm_park_timer();
-  for (auto& w : led) parked_.push_back(std::move(w));
+  bool followed_now;
+  {
+    std::lock_guard lk(park_mu_);
+    if (parked_.empty()) arm_park_timer();
+    parked_.insert(parked_.end(), led.begin(), led.end());
+    followed_now = followed();
+  }
+  // A follower that started while these were out of the list did not see them, and
+  // their leaders may have parked them since: its count is visible now.
+  if (followed_now)
+    for (auto& w : led)
+      if (auto p = w.lock()) p->unpark();
 }
 
 broker::follower::follower(const std::shared_ptr<broker>& b) : b_(b) {
   if (!b) return;
   // Counted first, then the list read: a stream stepping down lists itself first,
-  // then reads the count (stream::end_lead), so one of the two sees the other.
+  // then reads the count (stream::step_down), so one of the two sees the other
+  // (unpark_listed() covers the moment its list is out for checking).
   b->followers_.fetch_add(1);
   bool any;
   {
