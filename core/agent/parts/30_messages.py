@@ -55,8 +55,9 @@ def _send(dst_id, handle, data, reply_to=0):
     fd = _out_fd
     if fd is None:
         return
+    size = len(data)
     header = _HEADER.pack(HEADER_MAGIC, dst_id, context_id, context_id,
-                          handle, reply_to, len(data))
+                          handle, reply_to, size)
     # While exiting, never wait long for a writer that may be stuck.
     if _exiting:
         if not _write_lock.acquire(True, 0.5):
@@ -65,10 +66,10 @@ def _send(dst_id, handle, data, reply_to=0):
         _write_lock.acquire()
     parent_gone = False
     try:
-        if len(data) < _READ_SIZE:
+        if size < _READ_SIZE:
             buf = header + data
             n = os.write(fd, buf)
-            if n != len(buf):
+            if n != size + _HEADER_LEN:
                 _write_rest(fd, buf, n)
         else:
             # Large payload: avoid copying it just to prepend 26 bytes.

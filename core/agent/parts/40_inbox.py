@@ -361,7 +361,7 @@ class _Inbox(object):
                  'exiting', length, self.max_message_size)
             _exit(1)
         self._start += _HEADER_LEN
-        if length <= len(self._buf):
+        if length <= _READ_SIZE:   # fits the buffer (its size)
             if self._end - self._start < length:
                 self._fill(length)
             data = bytes(self._view[self._start:self._start + length])
