@@ -49,10 +49,7 @@ constexpr int max_depth = 100;  // same bound as the decoder on the other side
 wire::value convert(PyObject* o, const path_node* where, int depth);
 
 template <class Seq>
-void convert_items(PyObject* o, Seq& out, const path_node* where, int depth) {
-  // PySequence_Fast_ITEMS is valid for exact lists and tuples only, which is all we get.
-  Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
+void convert_items(PyObject* const* items, Py_ssize_t n, Seq& out, const path_node* where, int depth) {
   out.items.reserve(static_cast<std::size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     path_node p{where, nullptr, i};
@@ -60,17 +57,26 @@ void convert_items(PyObject* o, Seq& out, const path_node* where, int depth) {
   }
 }
 
+template <class Seq>
+void convert_items(PyObject* o, Seq& out, const path_node* where, int depth) {
+  // PySequence_Fast_ITEMS is valid for exact lists and tuples only, which is all we get.
+  convert_items(PySequence_Fast_ITEMS(o), PySequence_Fast_GET_SIZE(o), out, where, depth);
+}
+
+template <class Map>
+void convert_item(PyObject* k, PyObject* v, Map& out, const path_node* where, int depth) {
+  path_node pk{where, nullptr, -1, k, true};
+  path_node pv{where, nullptr, -1, k};
+  wire::value key = convert(k, &pk, depth + 1);
+  out.items.emplace_back(std::move(key), convert(v, &pv, depth + 1));
+}
+
 template <class Map>
 void convert_dict(PyObject* o, Map& out, const path_node* where, int depth) {
   Py_ssize_t pos = 0;
   PyObject *k, *v;
   out.items.reserve(static_cast<std::size_t>(PyDict_Size(o)));
-  while (PyDict_Next(o, &pos, &k, &v)) {
-    path_node pk{where, nullptr, -1, k, true};
-    path_node pv{where, nullptr, -1, k};
-    wire::value key = convert(k, &pk, depth + 1);
-    out.items.emplace_back(std::move(key), convert(v, &pv, depth + 1));
-  }
+  while (PyDict_Next(o, &pos, &k, &v)) convert_item(k, v, out, where, depth);
 }
 
 wire::big_int to_big_int(PyObject* o) {
@@ -258,11 +264,7 @@ wire::value to_wire(py::handle o, const char* root) {
 wire::tuple args_to_wire(PyObject* const* items, std::size_t n) {
   wire::tuple out;
   path_node root{nullptr, "args"};
-  out.items.reserve(n);
-  for (std::size_t i = 0; i < n; ++i) {
-    path_node p{&root, nullptr, static_cast<Py_ssize_t>(i)};
-    out.items.push_back(convert(items[i], &p, 1));
-  }
+  convert_items(items, static_cast<Py_ssize_t>(n), out, &root, 0);
   return out;
 }
 
@@ -278,13 +280,7 @@ wire::kwargs kwargs_to_wire(PyObject* kwnames, PyObject* const* values) {
   if (n == 0) return out;
   path_node root{nullptr, "kwargs"};
   out.items.reserve(static_cast<std::size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* k = PyTuple_GET_ITEM(kwnames, i);
-    path_node pk{&root, nullptr, -1, k, true};
-    path_node pv{&root, nullptr, -1, k};
-    wire::value key = convert(k, &pk, 1);
-    out.items.emplace_back(std::move(key), convert(values[i], &pv, 1));
-  }
+  for (Py_ssize_t i = 0; i < n; ++i) convert_item(PyTuple_GET_ITEM(kwnames, i), values[i], out, &root, 0);
   return out;
 }
 

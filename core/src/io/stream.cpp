@@ -452,7 +452,8 @@ void stream::end_lead(std::thread::id owner) { step_down(owner, true); }
 void stream::step_down(std::thread::id owner, bool park) {
   bool rearm = false;
   {
-    // Step down: the broker watches again (and, if input is waiting, reads it now).
+    // Step down: the broker watches again (and, if input is waiting, reads it), now
+    // or, parked, once its park limit passes or a thread follows.
     std::lock_guard lk(rmu_);
     if (!leader_ || leader_thread_.load() != owner) return;  // stepped down already
     leader_ = false;

@@ -217,7 +217,8 @@ class router : public std::enable_shared_from_this<router> {
   /// The reply a leader read (lead_for): delivered here if its handler is a plain
   /// one-shot handler reserved for its sender; false leaves it to the broker.
   bool deliver_reply_here(wire::message& m);
-  /// Where a leader for a receiver would read. nullopt: `rx` is not a one-reply receiver this thread may read for.
+  /// Where a leader for a receiver would read. nullopt: `rx` is not a one-reply
+  /// receiver this thread may read for.
   std::optional<lead_plan> plan_lead(const receiver& rx);
   /// Remove the one-shot handler `it` points at and return its function
   /// (handlers_mu_ held).
