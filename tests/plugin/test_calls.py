@@ -51,6 +51,28 @@ def test_uncallable_things_are_refused(context):
         context.call()
 
 
+def test_call_argument_errors_name_the_argument(context):
+    # Context.call takes its arguments as a vectorcall: positional and keyword
+    # values are converted as call_async's are, with the same paths in errors.
+    with pytest.raises(TypeError, match=r"at args\[1\]"):
+        context.call(max, 1, object())
+    with pytest.raises(TypeError, match=r"at kwargs\['key'\]"):
+        context.call(sorted, [1], key=os.getpid)
+    assert context.call(sorted, [3, 1, 2], reverse=True) == [3, 2, 1]
+
+
+def test_call_on_an_uninitialised_context_subclass_raises(context):
+    # Context.call reads the C++ object without pybind11's lookup only when it
+    # exists; otherwise pybind11's own error, not a crash.
+    class Bare(mitogen_native.core.Context):
+        def __init__(self):
+            pass
+    with pytest.raises(TypeError, match='__init__'):
+        Bare().call(os.getpid)
+    with pytest.raises(TypeError):
+        mitogen_native.core.Context.call(5, os.getpid)
+
+
 def test_call_error_carries_type_message_and_traceback(context):
     with pytest.raises(CallError) as exc:
         context.call(remote_helpers.raise_value_error, 'boom')
