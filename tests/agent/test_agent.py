@@ -351,7 +351,7 @@ def test_reply_to_closed_handle_gets_dead_reply(master):
 # -- refusals ----------------------------------------------------------------
 
 def test_each_call_payload_is_decoded_on_its_own(master):
-    """The agent reuses one unpickler for calls (_decode_call): nothing of a
+    """The agent reuses one unpickler for calls (_serve): nothing of a
     payload may show through in the next one: not its memo (a payload made of
     one BINGET would otherwise replay an earlier call), not bytes after its
     STOP, not what a failed decode left behind."""

@@ -106,30 +106,6 @@ def _decode(data):
     return _Unpickler(_Source(data)).load()
 
 
-_call_decoder = None   # (source, unpickler) kept by _decode_call()
-
-
-def _decode_call(data):
-    """_decode() for CALL_FUNCTION payloads, reusing one unpickler: making one
-    is ~0.25 us of the few us of Python a no-op call costs here. Its memo is
-    cleared after each payload; after a failure, or a payload with bytes past
-    its end, it is dropped (it may still hold that input). Taken while in use,
-    so that two threads never share it."""
-    global _call_decoder
-    pair, _call_decoder = _call_decoder, None
-    if pair is None:
-        source = _Source(b'')
-        pair = (source, _Unpickler(source))
-    source, unpickler = pair
-    source.data = data
-    source.used = 0
-    obj = unpickler.load()
-    unpickler.memo.clear()
-    if source.used == len(data):
-        _call_decoder = pair
-    return obj
-
-
 # ---------------------------------------------------------------------------
 # Encoding. pickle would happily write any global (functions, user classes),
 # which peers would then refuse, so values are checked before pickling. The
