@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string_view>
 #include <unordered_map>
 
@@ -927,9 +928,39 @@ class decoder {
   std::string detail_;
 };
 
+/// A pickle that is one scalar and nothing else (None, a bool, an int of up to four
+/// bytes: the result of most calls, the no-op call's pid): its value, without making
+/// a decoder (whose arena and stacks cost a few allocations). The decoder gives the
+/// same value for exactly these bytes; anything else, errors included, is left to it.
+std::optional<value> decode_scalar(std::span<const std::uint8_t> d) {
+  std::size_t i = 0;
+  if (d.size() >= 2 && d[0] == PROTO) {
+    if (d[1] != 2 && d[1] != 3) return std::nullopt;
+    i = 2;
+  }
+  if (i >= d.size()) return std::nullopt;
+  const std::uint8_t op = d[i++];
+  std::size_t len = 0;  // the opcode's argument bytes
+  if (op == BININT1) len = 1;
+  else if (op == BININT2) len = 2;
+  else if (op == BININT) len = 4;
+  else if (op != NONE && op != NEWTRUE && op != NEWFALSE) return std::nullopt;
+  if (d.size() != i + len + 1 || d[i + len] != STOP) return std::nullopt;
+  std::uint32_t u = 0;
+  for (std::size_t k = 0; k < len; ++k) u |= std::uint32_t{d[i + k]} << (8 * k);  // little-endian
+  switch (op) {
+    case NONE: return value{none{}};
+    case NEWTRUE: return value{true};
+    case NEWFALSE: return value{false};
+    case BININT: return value{std::int64_t{static_cast<std::int32_t>(u)}};
+    default: return value{static_cast<std::int64_t>(u)};
+  }
+}
+
 }  // namespace
 
 decode_result decode(std::span<const std::uint8_t> data, const decode_limits& limits) {
+  if (auto v = decode_scalar(data)) return decode_result{std::move(*v), {}, {}};
   decoder d(data, limits);
   return d.run();
 }

@@ -93,6 +93,47 @@ TEST_CASE("encode matches the golden byte vectors and decodes back", "[pickle]")
   }
 }
 
+TEST_CASE("a lone scalar decodes without the decoder, and its near misses are still refused", "[pickle]") {
+  // decode() answers these exact shapes itself (most replies are one of them); every
+  // variation must still reach the decoder and its checks.
+  struct ok_case {
+    const char* hex;
+    value v;
+  };
+  const std::vector<ok_case> ok = {
+      {"80024e2e", none{}},           {"8003882e", true},          {"8002892e", false},
+      {"4e2e", none{}},               {"80034b002e", I(0)},         {"80034bff2e", I(255)},
+      {"80034dffff2e", I(65535)},     {"80024d34122e", I(0x1234)},  {"80034affffffff2e", I(-1)},
+      {"80034a000000802e", I(-2147483648LL)}, {"80034a785634122e", I(0x12345678)},
+  };
+  for (const auto& c : ok) {
+    INFO(c.hex);
+    auto r = decode(unhex(c.hex));
+    REQUIRE(r);
+    CHECK(r.v == c.v);
+  }
+  struct bad_case {
+    const char* hex;
+    errc e;
+  };
+  const std::vector<bad_case> bad = {
+      {"80024b052e2e", errc::trailing_data},  // a byte after STOP
+      {"80024b05", errc::truncated},          // no STOP
+      {"80024a0102032e", errc::truncated},    // BININT cut short: its STOP is an argument byte
+      {"80044b052e", errc::bad_protocol},     // protocol 4
+      {"80014e2e", errc::bad_protocol},       // protocol 1
+      {"8002", errc::truncated},              // nothing after PROTO
+      {"80", errc::truncated},
+      {"", errc::truncated},
+  };
+  for (const auto& c : bad) {
+    INFO(c.hex);
+    auto r = decode(unhex(c.hex));
+    CHECK_FALSE(r);
+    CHECK(r.ec == make_error_code(c.e));
+  }
+}
+
 TEST_CASE("encode_to appends after existing bytes", "[pickle]") {
   std::string out = "prefix";
   encode_to(L({1, "x"}), out);
