@@ -23,6 +23,17 @@ const names& attr_names() {
   return *n;
 }
 
+/// `v` (borrowed, may be null) as UTF-8, or nullopt if it is not a str.
+std::optional<std::string> text_of(PyObject* v) {
+  std::optional<std::string> out;
+  if (v && PyUnicode_Check(v)) {
+    Py_ssize_t n;
+    if (const char* s = PyUnicode_AsUTF8AndSize(v, &n)) out.emplace(s, static_cast<std::size_t>(n));
+    else PyErr_Clear();
+  }
+  return out;
+}
+
 /// getattr(o, name) as UTF-8, or nullopt if missing or not a str.
 std::optional<std::string> text_attr(PyObject* o, PyObject* name) {
   PyObject* v = PyObject_GetAttr(o, name);
@@ -30,12 +41,7 @@ std::optional<std::string> text_attr(PyObject* o, PyObject* name) {
     PyErr_Clear();
     return std::nullopt;
   }
-  std::optional<std::string> out;
-  if (PyUnicode_Check(v)) {
-    Py_ssize_t n;
-    if (const char* s = PyUnicode_AsUTF8AndSize(v, &n)) out.emplace(s, static_cast<std::size_t>(n));
-    else PyErr_Clear();
-  }
+  auto out = text_of(v);
   Py_DECREF(v);
   return out;
 }
@@ -75,28 +81,40 @@ void describe_fn(PyObject* fn, mitogen::call_spec& spec) {
   if (PyCFunction_Check(fn)) {
     // Built-in function (os.getpid: bound to its module) or built-in classmethod
     // (dict.fromkeys: bound to the type); bound to anything else it is an instance's.
+    // Its __name__ and __module__ read where getattr() reads them (the method table's
+    // name; the writable __module__ slot): most calls are of functions like these.
+    auto* cf = reinterpret_cast<PyCFunctionObject*>(fn);
     PyObject* self = PyCFunction_GET_SELF(fn);
-    auto name = text_attr(fn, n.name);
-    if (!name) cannot_call(fn, "it has no __name__");
     if (self && PyType_Check(self)) {
       set_class(spec, fn, self);
     } else if (self && !PyModule_Check(self)) {
       cannot_call(fn, "instance methods need the instance, which cannot be sent");
     } else {
-      auto mod = text_attr(fn, n.module);
+      auto mod = text_of(cf->m_module);
       if (!mod) cannot_call(fn, "it has no __module__");
       spec.module = std::move(*mod);
     }
-    spec.function = std::move(*name);
+    spec.function = cf->m_ml->ml_name;
     return;
   }
+  // A Python function: its attributes read where getattr() reads them (its own fields;
+  // anything else only from its __dict__), without an AttributeError raised and cleared
+  // for the __objclass__ it does not have, on every call.
+  auto* pf = PyFunction_Check(fn) ? reinterpret_cast<PyFunctionObject*>(fn) : nullptr;
   // Unbound method of a built-in class, e.g. str.upper: called with the instance as
   // its first argument.
-  if (PyObject* cls = PyObject_GetAttr(fn, n.objclass)) {
+  PyObject* cls = nullptr;
+  if (!pf) {
+    cls = PyObject_GetAttr(fn, n.objclass);
+  } else if (pf->func_dict) {
+    cls = PyDict_GetItemWithError(pf->func_dict, n.objclass);
+    Py_XINCREF(cls);
+  }
+  if (cls) {
     py::object hold = py::reinterpret_steal<py::object>(cls);
     if (PyType_Check(cls)) {
       set_class(spec, fn, cls);
-      auto name = text_attr(fn, n.name);
+      auto name = pf ? text_of(pf->func_name) : text_attr(fn, n.name);
       if (!name) cannot_call(fn, "it has no __name__");
       spec.function = std::move(*name);
       return;
@@ -105,15 +123,15 @@ void describe_fn(PyObject* fn, mitogen::call_spec& spec) {
     PyErr_Clear();
   }
   // Functions, classes and other callables named by module + qualified name.
-  auto name = text_attr(fn, n.name);
-  auto mod = text_attr(fn, n.module);
+  auto name = pf ? text_of(pf->func_name) : text_attr(fn, n.name);
+  auto mod = pf ? text_of(pf->func_module) : text_attr(fn, n.module);
   if (!name || !mod) cannot_call(fn, "it has no __module__ and __name__ to find it by");
   if (*name == "<lambda>") cannot_call(fn, "a lambda has no name the child could find it by");
-  if (PyFunction_Check(fn)) {
+  if (pf) {
     PyObject* closure = PyFunction_GET_CLOSURE(fn);
     if (closure && closure != Py_None) cannot_call(fn, "a closure's captured state cannot be sent");
   }
-  auto qual = text_attr(fn, n.qualname).value_or(*name);
+  auto qual = (pf ? text_of(pf->func_qualname) : text_attr(fn, n.qualname)).value_or(*name);
   if (qual.find("<locals>") != std::string::npos)
     cannot_call(fn, "functions defined inside functions are not reachable from module scope");
   // A plain function found through its class (a staticmethod): module.Class.function.

@@ -30,6 +30,35 @@ def test_call_classmethod_staticmethod_and_builtin_methods(context):
     assert context.call(dict, a=1) == {'a': 1}
 
 
+def _renamed():
+    pass
+
+
+def _with_objclass():
+    pass
+
+
+def test_a_function_is_named_by_its_attributes_as_they_are_now(context):
+    """What the child looks up is what getattr() says at the time of the call
+    (the extension reads functions' fields directly): names set at run time,
+    and an __objclass__ in a function's __dict__, as for a built-in class's
+    method."""
+    assert context.call(_renamed) is None
+    _renamed.__module__, _renamed.__name__, _renamed.__qualname__ = 'os', 'getpid', 'getpid'
+    pid = context.call(_renamed)
+    assert pid != os.getpid() and pid_alive(pid)
+    _renamed.__module__, _renamed.__qualname__ = 'remote_helpers', 'Calculator.double'
+    _renamed.__name__ = 'double'
+    assert context.call(_renamed, 21) == 42
+    _with_objclass.__objclass__ = str
+    _with_objclass.__name__ = 'upper'
+    assert context.call(_with_objclass, 'abc') == 'ABC'
+    _with_objclass.__objclass__ = 'not a type'   # ignored, as before
+    _with_objclass.__module__, _with_objclass.__qualname__ = 'os', 'getcwd'
+    _with_objclass.__name__ = 'getcwd'
+    assert context.call(_with_objclass) == context.call(os.getcwd)
+
+
 def test_uncallable_things_are_refused(context):
     def nested():
         pass
