@@ -161,8 +161,8 @@ def main():
     for impl in IMPLS:
         results[impl] = run(impl)
         # Pinned figures are the median of three fresh processes: now and then one
-        # whole run is slower (15-19 us for ours, the same two context switches per
-        # call; main before this change too), which one run would report as the figure.
+        # whole run is slower (15-19 us for ours, with the same two context switches
+        # per call; cause unknown, docs/benchmarks.md), which one run would report.
         results[impl]['noop_one_cpu_us'] = statistics.median(
             run(impl, '--pin', '0')['noop_median_us'] for _ in range(PINNED_RUNS))
     # The machine's floor, in the same run (tests/bench/pingpong.py).
